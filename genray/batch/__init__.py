@@ -1,0 +1,1 @@
+"""Bulk jobs on Ray Data: pipeline.py runs them, manifest.py records what happened to every input."""

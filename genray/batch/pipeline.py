@@ -1,0 +1,218 @@
+"""`genray process`: a Ray Data job that runs a model artefact over every image under a prefix.
+
+list -> skip what the manifest says is done -> (Ray Data) read + decode + Predictor + encode + write in model
+actors -> manifest rows streamed back to the driver and flushed as parquet parts -> compacted manifest.
+A bad input becomes an `error` row; it never stops the job.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import ray
+
+from genray import storage
+from genray.artifacts import ArtifactError, read_meta
+from genray.batch import manifest
+from genray.config import ProcessConfig
+from genray.datasets import IMAGE_SUFFIXES
+from genray.images import ImageError, decode_image, encode_png
+
+FLUSH_ROWS = 500  # manifest part size ...
+FLUSH_SECONDS = 30.0  # ... or age, whichever comes first: bounds what a crash can lose
+
+
+class JobError(RuntimeError):
+    """The job as a whole cannot run (bad model, unreadable input prefix, ...)."""
+
+
+@dataclass
+class JobSummary:
+    run_id: str
+    counts: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    manifest_uri: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (input_key, reason), first few
+
+    @property
+    def images_per_s(self) -> float:
+        return self.counts["ok"] / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        lines = [f"{'status':<8} {'count':>7}"] + [f"{s:<8} {self.counts[s]:>7}" for s in ("ok", "skipped", "error")]
+        lines.append(f"{self.counts['ok']} images in {self.seconds:.1f}s ({self.images_per_s:.2f} images/s)")
+        lines += [f"error: {k}: {why}" for k, why in self.errors]
+        return "\n".join(lines)
+
+
+def output_key_for(input_key: str, taken: set[str]) -> str:
+    """a/b.jpg -> a/b.png; if another input already maps there (a/b.png beside a/b.jpg), a/b.jpg.png."""
+    path = PurePosixPath(input_key)
+    key = str(path.with_suffix(".png"))
+    if key in taken:
+        key = input_key + ".png"
+    taken.add(key)
+    return key
+
+
+def check_model(cfg: ProcessConfig) -> dict[str, Any]:
+    try:
+        meta = read_meta(cfg.model_uri)
+    except ArtifactError as err:
+        raise JobError(str(err)) from None
+    if meta.get("task") != cfg.task:
+        raise JobError(f"{cfg.model_uri}: a {meta.get('family')} model does {meta.get('task')!r}, "
+                       f"not {cfg.task!r}; pass a {cfg.task} model artefact")
+    return meta
+
+
+def plan(cfg: ProcessConfig, digest: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows to process, rows skipped because the manifest has them done with this model and input ETag)."""
+    try:
+        objects = storage.list_objects(cfg.input_uri, suffixes=IMAGE_SUFFIXES)
+    except storage.StorageError as err:
+        raise JobError(str(err)) from None
+    out_rel = _nested_prefix(cfg.input_uri, cfg.output_uri)
+    objects = [o for o in objects if not (out_rel and o.key.startswith(out_rel))]  # never eat our own outputs
+    done = manifest.read_manifest(cfg.output_uri)
+    todo, skipped, taken = [], [], set()
+    for obj in objects:
+        out_key = output_key_for(obj.key, taken)
+        prev = done.get(obj.key)
+        if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
+                and prev["model_digest"] == digest and prev["output_key"] == out_key:
+            skipped.append({**prev, "status": "skipped", "error": None, "seconds": 0.0})
+        else:
+            todo.append({"input_key": obj.key, "input_uri": obj.uri, "input_etag": obj.etag, "output_key": out_key})
+    return todo, skipped
+
+
+def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
+    base, out = input_uri.rstrip("/") + "/", output_uri.rstrip("/") + "/"
+    return out[len(base):] if out.startswith(base) else None
+
+
+class ProcessImages:
+    """Ray Data callable class: the model loads once per actor; each call handles one batch of input rows."""
+
+    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int):
+        import torch
+
+        from genray.inference import Predictor
+
+        torch.set_num_threads(num_threads)
+        self.cfg = ProcessConfig.model_validate(cfg)
+        self.predictor = Predictor.from_uri(self.cfg.model_uri, tile=self.cfg.tile,
+                                            tile_overlap=self.cfg.tile_overlap, batch_size=self.cfg.batch_size)
+        if self.predictor.digest != digest:  # the artefact was replaced after the job was planned
+            raise JobError(f"{self.cfg.model_uri}: model changed while the job was starting")
+        self.digest = digest
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        started = time.perf_counter()
+        rows = [{k: batch[k][i] for k in ("input_key", "input_uri", "input_etag", "output_key")}
+                for i in range(len(batch["input_key"]))]
+        results: list[dict[str, Any]] = []
+        good: list[tuple[dict[str, Any], np.ndarray]] = []
+        for row in rows:  # [1] read + decode; a bad file is an error row
+            try:
+                image = decode_image(storage.read_bytes(row["input_uri"]), channels=None, max_pixels=self.cfg.max_pixels)
+                good.append((row, image))
+            except (ImageError, storage.StorageError) as err:
+                results.append(self._row(row, "error", str(err)))
+        outputs = self._predict([image for _, image in good])  # [2] one batched forward for the whole batch
+        for (row, image), out in zip(good, outputs):  # [3] encode + write under the same relative key
+            h, w = image.shape[:2]
+            if isinstance(out, Exception):
+                results.append(self._row(row, "error", f"model failed: {out}", w, h))
+                continue
+            try:
+                storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), encode_png(out))
+                results.append(self._row(row, "ok", None, w, h))
+            except storage.StorageError as err:
+                results.append(self._row(row, "error", str(err), w, h))
+        per_image = (time.perf_counter() - started) / max(len(rows), 1)
+        for r in results:
+            r["seconds"] = per_image
+        return {c: [r[c] for r in results] for c in manifest.COLUMNS}
+
+    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        try:
+            return self.predictor(images)
+        except Exception:
+            # Find the image that breaks the batch instead of failing all of them.
+            outs: list[np.ndarray | Exception] = []
+            for image in images:
+                try:
+                    outs.append(self.predictor([image])[0])
+                except Exception as err:  # noqa: BLE001 - recorded in the manifest row
+                    outs.append(err)
+            return outs
+
+    def _row(self, row, status, error, width=None, height=None) -> dict[str, Any]:
+        return {"input_key": row["input_key"], "output_key": row["output_key"] if status == "ok" else None,
+                "status": status, "error": error, "input_etag": row["input_etag"], "model_digest": self.digest,
+                "width": width, "height": height, "seconds": 0.0}
+
+
+def actor_cpus(cfg: ProcessConfig) -> float:
+    """CPUs per model actor: as configured, but leave room for Ray Data's own tasks on a small cluster."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.25, min(cfg.cpus_per_actor, (total - 0.5) / cfg.concurrency))
+
+
+def run_process_job(cfg: ProcessConfig, log=print) -> JobSummary:
+    meta = check_model(cfg)
+    digest = meta["digest"]
+    summary = JobSummary(run_id=manifest.new_run_id())
+    todo, skipped = plan(cfg, digest)
+    log(f"[genray] {len(todo) + len(skipped)} inputs under {cfg.input_uri}: {len(todo)} to process, "
+        f"{len(skipped)} already done with model {digest[:19]}")
+    if cfg.dry_run:
+        for row in todo:
+            log(f"  would process {row['input_key']} -> {row['output_key']}")
+        summary.counts.update(skipped=len(skipped))
+        return summary
+
+    storage.ensure_bucket(cfg.output_uri)
+    started = time.perf_counter()
+    part, pending, last_flush = 0, list(skipped), time.monotonic()
+    summary.counts.update(skipped=len(skipped))
+    if todo:
+        cpus = actor_cpus(cfg)
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 64)))
+        ds = ds.map_batches(
+            ProcessImages,
+            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
+                                   "num_threads": max(1, int(cpus))},
+            batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency,
+            num_cpus=cpus,
+        )
+        for row in ds.iter_rows():
+            row = {c: _plain(row[c]) for c in manifest.COLUMNS}
+            pending.append(row)
+            summary.counts[row["status"]] += 1
+            if row["status"] == "error" and len(summary.errors) < 10:
+                summary.errors.append((row["input_key"], row["error"]))
+            if len(pending) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
+                manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
+                part, pending, last_flush = part + 1, [], time.monotonic()
+    manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
+    summary.seconds = time.perf_counter() - started
+    summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id)
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from Ray Data rows -> Python values for pyarrow; NaN widths (error rows) -> None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value

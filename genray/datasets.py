@@ -1,0 +1,155 @@
+"""Datasets without downloads: small image sets shipped inside scikit-learn / scikit-image ("embedded"), their
+export as PNG files to a local dir or s3:// prefix, and the reader for any prefix of image files.
+
+Images are uint8 (H, W, C) throughout; keys are '/'-separated paths relative to the dataset root.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from genray import images, storage
+
+DATASETS = ("digits", "faces", "photos")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+SPLITS = ("train", "test")
+NUM_THREADS = 8  # object stores reward concurrent requests; decoding in Pillow releases the GIL
+
+# scikit-image photos and the file each loader reads. Only photos present in the installed package are used:
+# a missing file would make skimage try to download it with pooch, and nothing here may download.
+_SKIMAGE_PHOTOS = {
+    "astronaut": "astronaut.png",
+    "coffee": "coffee.png",
+    "chelsea": "chelsea.png",
+    "rocket": "rocket.jpg",
+    "immunohistochemistry": "ihc.png",
+    "hubble_deep_field": "hubble_deep_field.jpg",
+    "retina": "retina.jpg",
+}
+_TEST_PHOTOS = ("chelsea", "flower")
+
+
+def _split(index: int) -> str:
+    # Deterministic and spread over the whole set (load_digits is ordered by writer, lfw by person).
+    return "test" if index % 5 == 0 else "train"
+
+
+def _load_digits() -> tuple[list[np.ndarray], list[int], list[str]]:
+    """scikit-learn's 1,797 8x8 digits (values 0..16) made MNIST-like: 20x20 digit centred in 28x28, 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out, keys = [], []
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        small = Image.fromarray(np.rint(pixels * (255.0 / 16.0)).astype(np.uint8), "L")
+        big = np.asarray(small.resize((20, 20), Image.Resampling.BICUBIC))
+        out.append(np.pad(big, 4)[:, :, None])  # (28, 28, 1), black border like MNIST
+        keys.append(f"{_split(index)}/{int(label)}/{index:04d}.png")
+    return out, [int(label) for label in digits.target], keys
+
+
+def _load_faces() -> tuple[list[np.ndarray], None, list[str]]:
+    """The 100 face crops (25x25 gray) of skimage's lfw_subset; its other 100 images are background patches."""
+    from skimage.data import lfw_subset
+
+    faces = lfw_subset()[:100]  # (100, 25, 25) floats in [0, 1]
+    out = [np.rint(face * 255.0).astype(np.uint8)[:, :, None] for face in faces]
+    return out, None, [f"{_split(index)}/{index:03d}.png" for index in range(len(out))]
+
+
+def available_photos() -> list[str]:
+    """Names of the embedded photos this installation can load without a download."""
+    import skimage.data
+
+    package_dir = os.path.dirname(skimage.data.__file__)
+    names = [name for name, filename in _SKIMAGE_PHOTOS.items()
+             if os.path.exists(os.path.join(package_dir, filename))
+             or os.path.exists(os.path.join(skimage.data.data_dir, filename))]
+    return names + ["china", "flower"]
+
+
+def _load_photos() -> tuple[list[np.ndarray], None, list[str]]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos: dict[str, np.ndarray] = {}
+    for name in available_photos():
+        if name in _SKIMAGE_PHOTOS:
+            photos[name] = getattr(skimage.data, name)()
+    sample = load_sample_images()
+    for path, image in zip(sample.filenames, sample.images):
+        photos[os.path.splitext(os.path.basename(path))[0]] = image  # china.jpg, flower.jpg
+    out, keys = [], []
+    for name in sorted(photos):
+        image = np.asarray(photos[name])
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            continue  # only 8-bit RGB photos belong here
+        out.append(np.ascontiguousarray(image))
+        keys.append(f"{'test' if name in _TEST_PHOTOS else 'train'}/{name}.png")
+    return out, None, keys
+
+
+def load_embedded(name: str) -> tuple[list[np.ndarray], list[int] | None, list[str]]:
+    """An embedded dataset as (uint8 HWC images, labels or None, relative keys like 'train/3/0001.png')."""
+    loaders = {"digits": _load_digits, "faces": _load_faces, "photos": _load_photos}
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return loaders[name]()
+
+
+def export_dataset(name: str, to_uri: str, split: str | None = None) -> list[str]:
+    """Write an embedded dataset as PNG files under to_uri/<key>; returns the written URIs in key order."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    data, _, keys = load_embedded(name)
+    items = [(key, image) for key, image in zip(keys, data) if split is None or key.startswith(split + "/")]
+
+    def write(item: tuple[str, np.ndarray]) -> str:
+        uri = storage.join_uri(to_uri, item[0])
+        storage.write_bytes(uri, images.encode_png(item[1]))
+        return uri
+
+    with ThreadPoolExecutor(NUM_THREADS) as pool:
+        return list(pool.map(write, items))
+
+
+def read_image_prefix(uri: str, channels: int | None = None,
+                      limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """Every image under a prefix, sorted by key, as (uint8 HWC images, keys relative to the prefix).
+
+    Training data must be clean, so one undecodable file fails the whole read with its key in the message.
+    """
+    objects = storage.list_objects(uri, suffixes=IMAGE_SUFFIXES)
+    if not objects:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
+    if limit is not None:
+        objects = objects[:limit]
+
+    def read(obj: storage.ObjectInfo) -> np.ndarray:
+        data = storage.read_bytes(obj.uri)
+        try:
+            return images.decode_image(data, channels=channels)
+        except images.ImageTooLargeError as e:
+            raise images.ImageTooLargeError(f"{obj.key}: {e}", e.width, e.height, e.max_pixels) from None
+        except images.ImageError as e:
+            raise images.ImageError(f"{obj.key}: {e}") from None
+
+    with ThreadPoolExecutor(NUM_THREADS) as pool:
+        decoded = list(pool.map(read, objects))
+    return decoded, [obj.key for obj in objects]
+
+
+def labels_from_keys(keys: list[str]) -> list[int] | None:
+    """Integer labels from the folder holding each file ('<split>/<label>/<file>' or '<label>/<file>', as
+    export_dataset('digits') writes them); None when any key does not follow that layout."""
+    labels = []
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) < 2 or not (parts[-2].isascii() and parts[-2].isdigit()):
+            return None
+        labels.append(int(parts[-2]))
+    return labels or None

@@ -1,0 +1,146 @@
+"""Predictor: a model artefact turned into a function on uint8 images. No Ray in here.
+
+Ray Data actors (bulk jobs) and Serve replicas both wrap this class, so loading, channel handling, padding,
+tiling and the uint8 <-> float rule (genray.images.to_float / to_uint8, per the family's value range) exist once.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from genray.artifacts import load_artifact
+from genray.images import split_tiles, stitch_tiles, to_float, to_uint8
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class _Piece:
+    """One model input: a tile (or a whole plane) of one image, with where its output goes."""
+
+    image: int  # index of the source image in the call
+    plane: int  # channel-plane index when a 1-channel model runs on an RGB image, else 0
+    position: tuple[int, int]  # tile corner (y, x) in input pixels
+    pixels: np.ndarray  # uint8 (h, w, C_model)
+    output: np.ndarray | None = None  # float32 (h*scale, w*scale, C_model) in the model's value range
+
+
+class Predictor:
+    """Callable on a list of uint8 HWC images (C = 1 or 3), returning uint8 HWC images of the same channel count.
+
+    Images larger than `tile` are cut into overlapping tiles; tiles of all images in one call are batched
+    through the model together and stitched back with feathered seams.
+    """
+
+    def __init__(
+        self,
+        spec,
+        cfg,
+        model: torch.nn.Module,
+        meta: dict[str, Any],
+        device: torch.device,
+        tile: int = 512,
+        tile_overlap: int = 16,
+        batch_size: int = 8,
+        autocast: bool = True,
+    ):
+        if tile <= 2 * tile_overlap:
+            raise ValueError(f"tile ({tile}) must be larger than twice the overlap ({tile_overlap})")
+        self.spec, self.cfg, self.model, self.meta = spec, cfg, model, meta
+        self.device, self.tile, self.tile_overlap, self.batch_size = device, tile, tile_overlap, batch_size
+        self.channels = spec.in_channels(cfg)
+        # bf16 autocast pays off on GPUs; on CPUs it is usually slower than float32 for small convs.
+        self.autocast = autocast and device.type == "cuda"
+
+    @classmethod
+    def from_uri(cls, uri: str, device: str | torch.device | None = None, **kwargs) -> "Predictor":
+        device = torch.device(device) if device is not None else default_device()
+        spec, cfg, model, meta = load_artifact(uri, device)
+        return cls(spec, cfg, model, meta, device, **kwargs)
+
+    @property
+    def digest(self) -> str:
+        return self.meta["digest"]
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def scale(self) -> int:
+        return self.spec.scale
+
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        pieces: list[_Piece] = []
+        for index, image in enumerate(images):
+            for plane, pixels in enumerate(self._planes(image)):
+                tiles, positions = split_tiles(pixels, self.tile, self.tile_overlap)
+                pieces += [_Piece(index, plane, pos, t) for t, pos in zip(tiles, positions)]
+        self._run(pieces)
+        return [self._assemble(i, image, pieces) for i, image in enumerate(images)]
+
+    # -- steps of __call__ ---------------------------------------------------------------------------------
+
+    def _planes(self, image: np.ndarray) -> list[np.ndarray]:
+        """Fit the image's channels to the model: 1-channel models see each RGB plane on its own (colour kept)."""
+        if image.ndim != 3 or image.dtype != np.uint8 or image.shape[2] not in (1, 3):
+            raise ValueError(f"expected a uint8 HWC image with 1 or 3 channels, got {image.dtype} {image.shape}")
+        c = image.shape[2]
+        if c == self.channels:
+            return [image]
+        if self.channels == 1:
+            return [image[:, :, k : k + 1] for k in range(c)]
+        return [np.repeat(image, self.channels, axis=2)]  # grey image into an RGB model
+
+    def _run(self, pieces: list[_Piece]) -> None:
+        """Forward every piece, batching pieces of equal (padded) size together."""
+        m = self.spec.size_multiple
+        groups: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
+        for piece in pieces:
+            h, w = piece.pixels.shape[:2]
+            groups[(-(-h // m) * m, -(-w // m) * m)].append(piece)
+        for (ph, pw), group in groups.items():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                # Symmetric padding up to the model's size multiple; the padded border is cropped after.
+                batch = np.stack([
+                    np.pad(p.pixels, ((0, ph - p.pixels.shape[0]), (0, pw - p.pixels.shape[1]), (0, 0)), mode="symmetric")
+                    for p in chunk
+                ])
+                out = self._forward(batch)  # (B, C, ph*s, pw*s) float32
+                s = self.scale
+                for piece, y in zip(chunk, out):
+                    h, w = piece.pixels.shape[:2]
+                    piece.output = np.ascontiguousarray(y[:, : h * s, : w * s].transpose(1, 2, 0))
+
+    @torch.inference_mode()
+    def _forward(self, batch_uint8: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(to_float(batch_uint8, self.spec.value_range)).to(self.device)
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            y = self.model(x)
+        return y.float().cpu().numpy()
+
+    def _assemble(self, index: int, image: np.ndarray, pieces: list[_Piece]) -> np.ndarray:
+        h, w, c = image.shape
+        s = self.scale
+        planes = []
+        for plane in range(c if self.channels == 1 and c != 1 else 1):
+            mine = [p for p in pieces if p.image == index and p.plane == plane]
+            if len(mine) == 1:
+                out = mine[0].output
+            else:
+                out = stitch_tiles([p.output for p in mine], [p.position for p in mine], h * s, w * s, s, self.tile_overlap)
+            planes.append(out)
+        result = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0]  # (h*s, w*s, C) float
+        pixels = to_uint8(result.transpose(2, 0, 1)[None], self.spec.value_range)[0]
+        if pixels.shape[2] != c:  # RGB model on a grey image: back to one channel
+            pixels = np.round(pixels.mean(axis=2, keepdims=True)).astype(np.uint8)
+        return pixels

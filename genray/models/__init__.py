@@ -1,0 +1,29 @@
+"""The model registry: every family genray can train, bulk-run and serve, written out by hand.
+
+CLI choices, config validation and the test battery all derive from MODELS. This package never imports ray.
+"""
+from __future__ import annotations
+
+from genray.models import autoencoder
+from genray.models.spec import ModelSpec, TrainState
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model family {spec.name!r} is registered twice")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model family {name!r}; valid families: {', '.join(sorted(MODELS))}") from None
+
+
+register_model(autoencoder.DENOISE_AE)
+
+__all__ = ["MODELS", "ModelSpec", "TrainState", "get_spec", "register_model"]

@@ -1,0 +1,27 @@
+"""Connecting to Ray: a cluster via RAY_ADDRESS / --address, or a local instance bound to 127.0.0.1."""
+from __future__ import annotations
+
+import os
+
+# Set before any Ray process starts (ENVIRONMENT.md): keep every Ray listener on 127.0.0.1, no usage stats,
+# and a short Ray Train health-check poll (the default makes each ray.train.report block ~2 s).
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
+    """ray.init against `address` / RAY_ADDRESS if given, else a local instance; returns the context."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return ray.init(address=address, log_to_driver=True)
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    return ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                    logging_level="WARNING" if quiet else "INFO")

@@ -1,0 +1,1 @@
+"""Ray Serve app: model deployments with dynamic batching behind one FastAPI ingress."""

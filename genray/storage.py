@@ -1,0 +1,466 @@
+"""The one storage layer: local paths, file:// and s3:// URIs behind one small API (boto3 + pyarrow.fs).
+
+S3 settings come only from the standard AWS environment variables; errors are one line and name the URI.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import boto3
+import boto3.exceptions
+import botocore.config
+import botocore.exceptions
+import pyarrow.fs
+
+# write_bytes stages data in a hidden file beside the target; list_objects must never report one.
+_TMP_PREFIX = ".genray-tmp-"
+
+# Error codes S3 (and S3-compatible servers) return when the credentials are wrong or lack permission.
+_DENIED_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+    "InvalidClientTokenId", "AuthorizationHeaderMalformed", "403",
+}
+_MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class StorageError(Exception):
+    """One-line, user-facing error that names the URI."""
+
+    def __init__(self, message: str, reason: str = "other"):
+        super().__init__(message)
+        # For callers that branch on the failure: missing_bucket, missing_object, denied, unreachable, other.
+        self.reason = reason
+
+
+class UnsafeKeyError(StorageError):
+    """A key that would escape its base prefix or is not a plain relative key."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the listed prefix, '/'-separated, e.g. 'a/b.jpg'
+    uri: str  # full URI of the object
+    size: int
+    etag: str  # S3 ETag without quotes; for local files f"{mtime_ns:x}-{size:x}"
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        path = uri[len("file://"):]
+        if not path.startswith("/"):
+            raise StorageError(f"{uri}: file:// URIs must be absolute (file:///abs/path)")
+        return path
+    return uri
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    """'s3://b/p/q/' -> ('b', 'p/q')."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name in S3 URI")
+    return bucket, key.strip("/")
+
+
+def _safe_segments(part: str) -> list[str]:
+    if not isinstance(part, str):
+        raise UnsafeKeyError(f"{part!r}: key must be a string")
+    if "\x00" in part:
+        raise UnsafeKeyError(f"{part!r}: key contains a NUL byte")
+    if "\\" in part:
+        raise UnsafeKeyError(f"{part!r}: key contains a backslash")
+    if part.startswith("/"):
+        raise UnsafeKeyError(f"{part!r}: key must be relative, not absolute")
+    segments = part.split("/")
+    if ".." in segments:
+        raise UnsafeKeyError(f"{part!r}: key contains a '..' segment")
+    # '' (from 'a//b' or a trailing '/') and '.' name nothing; dropping them keeps local and S3 keys identical.
+    segments = [s for s in segments if s not in ("", ".")]
+    if not segments:
+        raise UnsafeKeyError(f"{part!r}: empty key would name the base prefix itself")
+    return segments
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join relative keys onto a base URI, refusing any part that could escape the base."""
+    segments: list[str] = []
+    for part in parts:
+        segments.extend(_safe_segments(part))
+    if not base:
+        raise StorageError("empty base URI")
+    if is_s3(base):
+        _split_s3(base)  # validates the bucket name
+    root = base.rstrip("/") or "/"  # a bare '/' base stays the filesystem root
+    if not segments:
+        return root
+    return root.rstrip("/") + "/" + "/".join(segments)
+
+
+def relative_key(base: str, uri: str) -> str:
+    """The '/'-separated key of `uri` under `base` (inverse of join_uri)."""
+    if is_s3(base) != is_s3(uri):
+        raise StorageError(f"{uri}: not under {base}")
+    if is_s3(base):
+        b_bucket, b_key = _split_s3(base)
+        u_bucket, u_key = _split_s3(uri)
+        if b_bucket != u_bucket:
+            raise StorageError(f"{uri}: not under {base}")
+        root, full = b_key, u_key
+    else:
+        root = os.path.abspath(_local_path(base)).replace(os.sep, "/")
+        full = os.path.abspath(_local_path(uri)).replace(os.sep, "/")
+    if root == "":
+        key = full
+    elif full.startswith(root.rstrip("/") + "/"):
+        key = full[len(root.rstrip("/")) + 1:]
+    else:
+        raise StorageError(f"{uri}: not under {base}")
+    if not key:
+        raise StorageError(f"{uri}: is the base {base} itself, not a key under it")
+    return key
+
+
+# ---------------------------------------------------------------------------------------- S3 client
+
+def _endpoint_url() -> str | None:
+    # The service-specific variable wins, as in the AWS SDKs.
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _max_attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "5")))
+    except ValueError:
+        return 5
+
+
+def _safe_endpoint(endpoint: str | None) -> str:
+    """The endpoint for messages, without any user:password@ part."""
+    if not endpoint:
+        return "the default AWS S3 endpoint"
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}" if parts.scheme else endpoint
+
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client():
+    """A boto3 S3 client for the current AWS_* environment, cached per (endpoint, region, credentials)."""
+    key = (
+        _endpoint_url(), _region(), _max_attempts(),
+        os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        os.environ.get("AWS_SESSION_TOKEN"),
+    )
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            # A fresh Session per key: boto3's default session caches credentials and would miss an env change.
+            session = boto3.session.Session(region_name=key[1])
+            client = session.client(
+                "s3",
+                endpoint_url=key[0],
+                config=botocore.config.Config(
+                    s3={"addressing_style": "path"},  # virtual-host style breaks on loopback endpoints
+                    retries={"max_attempts": key[2], "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                ),
+            )
+            _clients[key] = client
+        return client
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str, missing_is_object: bool = False) -> Iterator[None]:
+    """Turn botocore failures into one-line StorageErrors that name the URI (never the credentials)."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        bucket = _split_s3(uri)[0]
+        if code == "NoSuchBucket":
+            raise StorageError(f"{uri}: bucket '{bucket}' does not exist", "missing_bucket") from None
+        if code in _DENIED_CODES or status == 403:
+            raise StorageError(
+                f"{uri}: access denied ({code or status}) - the S3 credentials are invalid or lack permission "
+                "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN)", "denied",
+            ) from None
+        if missing_is_object and (code in _MISSING_KEY_CODES or status == 404):
+            raise StorageError(f"{uri}: no such object", "missing_object") from None
+        message = " ".join(str(err.get("Message", "")).split())[:200]
+        raise StorageError(f"{uri}: S3 error {code or status}: {message}".rstrip(": ")) from None
+    except (boto3.exceptions.S3UploadFailedError, boto3.exceptions.RetriesExceededError) as exc:
+        # boto3's transfer manager wraps the ClientError in a string; recover its error code from it.
+        text = str(exc)
+        if "NoSuchBucket" in text:
+            raise StorageError(f"{uri}: bucket '{_split_s3(uri)[0]}' does not exist", "missing_bucket") from None
+        if any(f"({code})" in text for code in _DENIED_CODES):
+            raise StorageError(
+                f"{uri}: access denied - the S3 credentials are invalid or lack permission "
+                "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN)", "denied",
+            ) from None
+        if "Could not connect" in text or "Connect timeout" in text:
+            endpoint = _safe_endpoint(_endpoint_url())
+            raise StorageError(f"{uri}: cannot reach S3 endpoint {endpoint}", "unreachable") from None
+        raise StorageError(f"{uri}: S3 transfer failed ({type(exc).__name__})") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise StorageError(
+            f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", "denied"
+        ) from None
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectionClosedError) as exc:
+        endpoint = _safe_endpoint(_endpoint_url())
+        raise StorageError(
+            f"{uri}: cannot reach S3 endpoint {endpoint} ({type(exc).__name__})", "unreachable"
+        ) from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise StorageError(f"{uri}: S3 request failed ({type(exc).__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------ objects
+
+def list_objects(prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> list[ObjectInfo]:
+    """Every object under a folder-like prefix, recursively, sorted by key; suffixes match case-insensitively."""
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    out: list[ObjectInfo] = []
+    if is_s3(prefix_uri):
+        bucket, prefix = _split_s3(prefix_uri)
+        # 's3://b/p' is the folder 'p/': never match the sibling 'p2/...'.
+        s3_prefix = prefix + "/" if prefix else ""
+        with _s3_errors(prefix_uri):
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=s3_prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(s3_prefix):]
+                    if not key or key.endswith("/"):  # folder markers written by some tools
+                        continue
+                    if wanted and not key.lower().endswith(wanted):
+                        continue
+                    out.append(ObjectInfo(
+                        key=key, uri=f"s3://{bucket}/{obj['Key']}", size=int(obj["Size"]),
+                        etag=str(obj.get("ETag", "")).strip('"'),
+                    ))
+    else:
+        root = _local_path(prefix_uri)
+        if not os.path.isdir(root):
+            return []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in filenames:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                path = os.path.join(dirpath, name)
+                key = os.path.relpath(path, root).replace(os.sep, "/")
+                if wanted and not key.lower().endswith(wanted):
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:  # removed while we walked
+                    continue
+                # Plain concatenation: a local file name may legally hold a backslash; consumers that turn keys
+                # into paths go through join_uri and refuse it there.
+                out.append(ObjectInfo(
+                    key=key, uri=prefix_uri.rstrip("/") + "/" + key, size=st.st_size,
+                    etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
+                ))
+    out.sort(key=lambda o: o.key)
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, missing_is_object=True):
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    path = _local_path(uri)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such object", "missing_object") from None
+    except IsADirectoryError:
+        raise StorageError(f"{uri}: is a directory, not an object") from None
+    except PermissionError:
+        raise StorageError(f"{uri}: permission denied") from None
+
+
+def _atomic_local_write(path: str, writer) -> None:
+    """Stage in a hidden file in the target's directory, then os.replace: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        if not key:
+            raise StorageError(f"{uri}: no object key in S3 URI")
+        with _s3_errors(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+
+    def _write(tmp: str) -> None:
+        # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would make it 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    try:
+        _atomic_local_write(_local_path(uri), _write)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write ({exc.strerror or type(exc).__name__})") from None
+
+
+def exists(uri: str) -> bool:
+    """True for an object, or for a prefix with objects under it (a local directory)."""
+    if not is_s3(uri):
+        return os.path.exists(_local_path(uri))
+    bucket, key = _split_s3(uri)
+    client = s3_client()
+    if key:
+        try:
+            with _s3_errors(uri, missing_is_object=True):
+                client.head_object(Bucket=bucket, Key=key)
+            return True
+        except StorageError as exc:
+            # HEAD responses carry no error body, so a missing key and a missing bucket both look like 404.
+            if exc.reason != "missing_object":
+                raise
+    try:
+        with _s3_errors(uri):
+            resp = client.list_objects_v2(Bucket=bucket, Prefix=key + "/" if key else "", MaxKeys=1)
+    except StorageError as exc:
+        if exc.reason == "missing_bucket":
+            return False
+        raise
+    return bool(resp.get("KeyCount", 0)) if key else True
+
+
+def delete(uri: str) -> None:
+    """Delete one object; a missing object is fine."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri):
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    path = _local_path(uri)
+    if os.path.isdir(path):
+        raise StorageError(f"{uri}: is a directory, not an object")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy every file under local_dir to the same relative keys under the URI prefix."""
+    local_dir = _local_path(local_dir)
+    if not os.path.isdir(local_dir):
+        raise StorageError(f"{local_dir}: no such directory")
+    for obj in list_objects(local_dir):
+        src = os.path.join(local_dir, *obj.key.split("/"))
+        dst = join_uri(uri, obj.key)
+        if is_s3(dst):
+            bucket, key = _split_s3(dst)
+            # upload_file switches to multipart for large files (model weights).
+            with _s3_errors(dst):
+                s3_client().upload_file(src, bucket, key)
+        else:
+            _atomic_local_write(_local_path(dst), lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy every object under the URI prefix into local_dir; keys that would escape it are refused."""
+    local_dir = _local_path(local_dir)
+    for obj in list_objects(uri):
+        dst = join_uri(local_dir, obj.key)  # an object key with '..' raises UnsafeKeyError here
+        if is_s3(obj.uri):
+            bucket, key = _split_s3(obj.uri)
+            with _s3_errors(obj.uri):
+                _atomic_local_write(dst, lambda tmp: s3_client().download_file(bucket, key, tmp))
+        else:
+            src = _local_path(obj.uri)
+            _atomic_local_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the URI's bucket if it is missing (local: mkdir -p)."""
+    if not is_s3(uri):
+        os.makedirs(_local_path(uri), exist_ok=True)
+        return
+    bucket, _ = _split_s3(uri)
+    client = s3_client()
+    try:
+        with _s3_errors(uri):
+            client.head_bucket(Bucket=bucket)
+        return
+    except StorageError as exc:
+        if exc.reason in ("denied", "unreachable"):
+            raise
+    kwargs = {}
+    if _region() != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": _region()}
+    try:
+        with _s3_errors(uri):
+            client.create_bucket(Bucket=bucket, **kwargs)
+    except StorageError as exc:
+        if "BucketAlreadyOwnedByYou" not in str(exc):
+            raise
+
+
+# ---------------------------------------------------------------------------------------- pyarrow
+
+def pyarrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path) for pyarrow and Ray Train: S3FileSystem + 'bucket/prefix', or local + absolute path."""
+    if not is_s3(uri):
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+    bucket, key = _split_s3(uri)
+    kwargs: dict = dict(
+        region=_region(),
+        allow_bucket_creation=False,
+        connect_timeout=5,
+        request_timeout=60,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts()),
+    )
+    endpoint = _endpoint_url()
+    if endpoint:
+        # Passed explicitly: some pyarrow versions ignore AWS_ENDPOINT_URL.
+        parts = urlsplit(endpoint)
+        kwargs["endpoint_override"] = (parts.netloc + parts.path.rstrip("/")) if parts.netloc else endpoint
+        kwargs["scheme"] = parts.scheme or "https"
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if access and secret:
+        kwargs.update(access_key=access, secret_key=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    fs = pyarrow.fs.S3FileSystem(**kwargs)
+    return fs, f"{bucket}/{key}" if key else bucket

@@ -1,0 +1,133 @@
+"""The one Ray Train loop. Nothing in this file knows any model family: each family's ModelSpec supplies
+init_training / train_step / sample_grid, and this loop does data sharding, DDP, checkpoints, resume and outputs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from genray.config import TrainConfig
+from genray.datasets import read_image_prefix
+from genray.images import to_float
+from genray.models import get_spec
+from genray.training import outputs
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def load_training_images(cfg: TrainConfig, channels: int, value_range: str) -> torch.Tensor:
+    """All training images as one float tensor (N, C, H, W). Small datasets only; big ones go through Ray Data."""
+    images, keys = read_image_prefix(cfg.data.uri, channels=channels, limit=cfg.data.limit)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{cfg.data.uri}: training images must share one size, found {sorted(shapes)[:4]}")
+    return torch.from_numpy(to_float(np.stack(images), value_range))
+
+
+def mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module  # DDP keeps the real model in .module
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = TrainConfig.model_validate(config)  # validated again here: the worker may run other code than the driver
+    spec = get_spec(cfg.model.family)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    # Each worker gets one intra-op thread by default on CPU-only clusters; honour what Ray reserved.
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    # [1] Data: every worker reads the prefix and keeps an equal-sized shard (DDP needs equal step counts).
+    data = load_training_images(cfg, spec.in_channels(cfg.model), spec.value_range)
+    per_worker = len(data) // world
+    if per_worker == 0:
+        raise ValueError(f"{cfg.data.uri}: {len(data)} images cannot be split over {world} workers")
+    shard = data[rank::world][:per_worker]
+    fixed = data[: cfg.train.num_samples].to(device)  # the same images in every epoch's sample grid
+
+    # [2] Modules and optimizers; resume from the latest checkpoint if this run has one.
+    state = spec.init_training(cfg.model, cfg.train.lr)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            saved = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        for name, module in state.modules.items():
+            module.load_state_dict(saved["modules"][name])
+        for name, opt in state.optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+        start_epoch, history, state.step = saved["epoch"], saved["history"], saved["step"]
+        if rank == 0:
+            print(f"[genray] resuming {cfg.name} after epoch {start_epoch}")
+    # Each module is wrapped in DDP on its own, so a GAN's D and G updates stay separate.
+    state.modules = {name: ray.train.torch.prepare_model(m) for name, m in state.modules.items()}
+    for opt in state.optimizers.values():  # optimizer state loaded on CPU follows the params to the device
+        for s in opt.state.values():
+            for k, v in s.items():
+                if torch.is_tensor(v) and k != "step":
+                    s[k] = v.to(device)
+
+    # [3] Epochs.
+    bs = cfg.train.batch_size
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        for m in state.modules.values():
+            m.train()
+        started = time.perf_counter()
+        order = torch.randperm(per_worker, generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
+        sums: dict[str, float] = {}
+        num_steps = 0
+        for i in range(0, per_worker, bs):
+            batch = shard[order[i : i + bs]].to(device, non_blocking=True)
+            losses = spec.train_step(state, batch)
+            state.step += 1
+            num_steps += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+        seconds = time.perf_counter() - started
+        metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
+        metrics.update(epoch=epoch, step=state.step, epoch_seconds=round(seconds, 4),
+                       images_per_s=round(per_worker * world / max(seconds, 1e-9), 2))
+        history.append(metrics)
+        if epoch % cfg.train.checkpoint_every and epoch != cfg.train.epochs:
+            continue
+        report(cfg, spec, state, metrics, history, fixed, epoch, rank)
+
+
+def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int) -> None:
+    """Rank 0 writes outputs and a checkpoint; every rank calls ray.train.report (it is a barrier)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    model = unwrap(state.modules["model"]).eval()
+    outputs.write_sample_grid(cfg.output_uri, epoch, spec.sample_grid(model, fixed, cfg.model))
+    outputs.write_metrics(cfg.output_uri, history)
+    outputs.write_loss_plot(cfg.output_uri, history)
+    losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)
+    print(f"[genray] epoch {epoch}/{cfg.train.epochs} {losses} {metrics['images_per_s']:.0f} img/s "
+          f"({metrics['epoch_seconds']:.1f}s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({
+            "modules": {n: unwrap(m).state_dict() for n, m in state.modules.items()},
+            "optimizers": {n: o.state_dict() for n, o in state.optimizers.items()},
+            "epoch": epoch, "step": state.step, "history": history,
+        }, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

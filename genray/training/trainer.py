@@ -1,0 +1,86 @@
+"""TorchTrainer factory and `run_training`: config in; checkpoints, outputs and the model artefact out."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from genray import storage
+from genray.artifacts import save_artifact
+from genray.config import TrainConfig
+from genray.datasets import read_image_prefix
+from genray.models import get_spec
+from genray.training import outputs
+from genray.training.loop import CHECKPOINT_FILE, train_loop_per_worker
+
+
+class TrainingError(RuntimeError):
+    """The Ray Train run failed; the message carries the worker's error."""
+
+
+@dataclass
+class TrainResult:
+    output_uri: str
+    model_uri: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+
+
+def build_trainer(cfg: TrainConfig) -> TorchTrainer:
+    checkpoints_uri = storage.join_uri(cfg.output_uri, "checkpoints")
+    storage.ensure_bucket(checkpoints_uri)
+    fs, path = storage.pyarrow_filesystem(checkpoints_uri)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump_plain(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+        ),
+        run_config=RunConfig(
+            # Same name + same storage = resume from the latest checkpoint (Ray Train V2's rule).
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # One intra-op thread per CPU reserved, so two workers on two cores do not oversubscribe.
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.scaling.cpus_per_worker)))}},
+        ),
+    )
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train on Ray Train, then evaluate the final weights on held-out data and write `<output>/model/`."""
+    spec = get_spec(cfg.model.family)
+    # [1] Distributed training; checkpoints go to <output>/checkpoints/<name>/.
+    result = build_trainer(cfg).fit()
+    if result.error:
+        raise TrainingError(f"training run {cfg.name!r} failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
+
+    # [2] Final weights from the latest checkpoint (the one Ray kept in storage).
+    with result.checkpoint.as_directory() as ckpt_dir:
+        saved = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    model = spec.build(cfg.model)
+    model.load_state_dict(saved["modules"]["model"])
+    model.eval()
+
+    # [3] Quality on held-out images, then the artefact.
+    metrics: dict[str, Any] = {k: v for k, v in saved["history"][-1].items()}
+    if cfg.data.held_out_uri:
+        images, _ = read_image_prefix(cfg.data.held_out_uri, channels=spec.in_channels(cfg.model))
+        metrics.update(spec.evaluate(model, np.stack(images), cfg.model))
+    model_uri = storage.join_uri(cfg.output_uri, "model")
+    save_artifact(model_uri, spec, cfg.model, model, metrics,
+                  extra={"train": cfg.train.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+                         "run_name": cfg.name, "num_workers": cfg.scaling.num_workers})
+    outputs.write_progress_gif(cfg.output_uri)
+    return TrainResult(cfg.output_uri, model_uri, result.checkpoint.path, metrics)

@@ -1,0 +1,112 @@
+"""The only place for fixtures: a real S3-compatible server, a real local Ray, a real Serve HTTP proxy."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tempfile
+
+import pytest
+
+# Before anything imports ray: loopback-only listeners, no token auth for the test cluster, fast Train reports.
+os.environ.update({
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+})
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="genray-ray-"))
+
+from genray import storage  # noqa: E402
+from genray.s3server import LocalS3Server  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("GENRAY_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test; set GENRAY_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with LocalS3Server() as server:
+        old = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        yield server
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket per test, as 's3://<name>'."""
+    uri = f"s3://genray-test-{secrets.token_hex(6)}"
+    storage.ensure_bucket(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the session, started after the S3 env is set so every worker inherits it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """Per test: after a failed Train run, remove leftover placement groups so the next test is not starved."""
+    yield ray_session
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") not in ("REMOVED",):
+            try:
+                remove_placement_group(PlacementGroup(ray_session.PlacementGroupID.from_hex(pg_id)))
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_session):
+    """Serve's HTTP proxy on 127.0.0.1 on a free port; yields the base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture
+def serve_app(serve_http):
+    """Deploy a genray app from ServeAppConfig args; every app deployed in the test is deleted after it."""
+    from ray import serve
+
+    from genray.serving.app import build_app
+
+    names = []
+
+    def deploy(args: dict, name: str = "genray") -> str:
+        serve.run(build_app(args), name=name, route_prefix="/")
+        names.append(name)
+        return serve_http
+
+    yield deploy
+    for name in names:
+        serve.delete(name)
