@@ -53,6 +53,13 @@ class Predictor:
     ):
         if tile <= 2 * tile_overlap:
             raise ValueError(f"tile ({tile}) must be larger than twice the overlap ({tile_overlap})")
+        # A strided model is shift-equivariant only by multiples of its size multiple, so tile corners must sit
+        # on that grid or a tile's pixels differ from the whole-image pass: tile down, overlap up to multiples.
+        m = spec.size_multiple
+        tile, tile_overlap = tile // m * m, -(-tile_overlap // m) * m
+        if tile <= 2 * tile_overlap:
+            raise ValueError(f"tile ({tile}) must be larger than twice the overlap ({tile_overlap}) "
+                             f"once both are rounded to multiples of {m}")
         self.spec, self.cfg, self.model, self.meta = spec, cfg, model, meta
         self.device, self.tile, self.tile_overlap, self.batch_size = device, tile, tile_overlap, batch_size
         self.channels = spec.in_channels(cfg)
@@ -81,6 +88,8 @@ class Predictor:
         pieces: list[_Piece] = []
         for index, image in enumerate(images):
             for plane, pixels in enumerate(self._planes(image)):
+                # Pad the plane (as the whole-image pass would) so every tile corner is a multiple of size_multiple.
+                pixels = _pad_to(pixels, *self._padded_size(pixels))
                 tiles, positions = split_tiles(pixels, self.tile, self.tile_overlap)
                 pieces += [_Piece(index, plane, pos, t) for t, pos in zip(tiles, positions)]
         self._run(pieces)
@@ -101,24 +110,24 @@ class Predictor:
 
     def _run(self, pieces: list[_Piece]) -> None:
         """Forward every piece, batching pieces of equal (padded) size together."""
-        m = self.spec.size_multiple
         groups: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
         for piece in pieces:
-            h, w = piece.pixels.shape[:2]
-            groups[(-(-h // m) * m, -(-w // m) * m)].append(piece)
+            groups[self._padded_size(piece.pixels)].append(piece)
         for (ph, pw), group in groups.items():
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
                 # Symmetric padding up to the model's size multiple; the padded border is cropped after.
-                batch = np.stack([
-                    np.pad(p.pixels, ((0, ph - p.pixels.shape[0]), (0, pw - p.pixels.shape[1]), (0, 0)), mode="symmetric")
-                    for p in chunk
-                ])
+                batch = np.stack([_pad_to(p.pixels, ph, pw) for p in chunk])
                 out = self._forward(batch)  # (B, C, ph*s, pw*s) float32
                 s = self.scale
                 for piece, y in zip(chunk, out):
                     h, w = piece.pixels.shape[:2]
                     piece.output = np.ascontiguousarray(y[:, : h * s, : w * s].transpose(1, 2, 0))
+
+    def _padded_size(self, pixels: np.ndarray) -> tuple[int, int]:
+        m = self.spec.size_multiple
+        h, w = pixels.shape[:2]
+        return -(-h // m) * m, -(-w // m) * m
 
     @torch.inference_mode()
     def _forward(self, batch_uint8: np.ndarray) -> np.ndarray:
@@ -130,6 +139,7 @@ class Predictor:
 
     def _assemble(self, index: int, image: np.ndarray, pieces: list[_Piece]) -> np.ndarray:
         h, w, c = image.shape
+        ph, pw = self._padded_size(image)
         s = self.scale
         planes = []
         for plane in range(c if self.channels == 1 and c != 1 else 1):
@@ -137,10 +147,19 @@ class Predictor:
             if len(mine) == 1:
                 out = mine[0].output
             else:
-                out = stitch_tiles([p.output for p in mine], [p.position for p in mine], h * s, w * s, s, self.tile_overlap)
-            planes.append(out)
+                out = stitch_tiles([p.output for p in mine], [p.position for p in mine], ph * s, pw * s, s,
+                                   self.tile_overlap)
+            planes.append(out[: h * s, : w * s])  # drop the padded border
         result = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0]  # (h*s, w*s, C) float
         pixels = to_uint8(result.transpose(2, 0, 1)[None], self.spec.value_range)[0]
         if pixels.shape[2] != c:  # RGB model on a grey image: back to one channel
             pixels = np.round(pixels.mean(axis=2, keepdims=True)).astype(np.uint8)
         return pixels
+
+
+def _pad_to(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Symmetric padding at the bottom and right up to (height, width); the padded border is cropped after."""
+    h, w = pixels.shape[:2]
+    if (h, w) == (height, width):
+        return pixels
+    return np.pad(pixels, ((0, height - h), (0, width - w), (0, 0)), mode="symmetric")

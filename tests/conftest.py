@@ -110,3 +110,47 @@ def serve_app(serve_http):
     yield deploy
     for name in names:
         serve.delete(name)
+
+
+# -- shared data and a trained tiny model (session-scoped: built once, read by many tests) ------------------
+
+NUM_TRAIN_DIGITS = 96
+NUM_TEST_DIGITS = 32
+
+
+@pytest.fixture(scope="session")
+def digits_uri(s3_server) -> str:
+    """A small slice of the embedded digits in S3: <uri>/train/<label>/NNNN.png and <uri>/test/..."""
+    from genray.datasets import load_embedded
+    from genray.images import encode_png
+
+    uri = "s3://genray-test-data/digits"
+    storage.ensure_bucket(uri)
+    images, _, keys = load_embedded("digits")
+    counts = {"train": 0, "test": 0}
+    for image, key in zip(images, keys):
+        split = key.split("/")[0]
+        if counts[split] < (NUM_TRAIN_DIGITS if split == "train" else NUM_TEST_DIGITS):
+            storage.write_bytes(storage.join_uri(uri, key), encode_png(image))
+            counts[split] += 1
+    return uri
+
+
+def tiny_train_config(digits_uri: str, output_uri: str, name: str = "tiny", **train):
+    """configs/tiny/denoise_ae.yaml pointed at the test digits and `output_uri`."""
+    from genray.config import load_config
+
+    overrides = [f"data.uri={digits_uri}/train/", f"data.held_out_uri={digits_uri}/test/",
+                 f"output_uri={output_uri}", f"name={name}", "data.limit=null"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config("configs/tiny/denoise_ae.yaml", overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(ray_session, digits_uri):
+    """A tiny denoising AE trained once with 2 Ray Train workers; yields (TrainConfig, TrainResult)."""
+    from genray.training.trainer import run_training
+
+    storage.ensure_bucket("s3://genray-test-runs")
+    cfg = tiny_train_config(digits_uri, "s3://genray-test-runs/tiny", epochs=4)
+    return cfg, run_training(cfg)

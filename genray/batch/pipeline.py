@@ -34,7 +34,7 @@ class JobError(RuntimeError):
 @dataclass
 class JobSummary:
     run_id: str
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=lambda: Counter(ok=0, skipped=0, error=0))
     seconds: float = 0.0
     manifest_uri: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input_key, reason), first few
@@ -191,7 +191,7 @@ def run_process_job(cfg: ProcessConfig, log=print) -> JobSummary:
             fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
                                    "num_threads": max(1, int(cpus))},
             batch_size=cfg.batch_size,
-            concurrency=cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=cpus,
         )
         for row in ds.iter_rows():

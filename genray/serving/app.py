@@ -3,7 +3,6 @@
 One deployment per model artefact, each wrapping the shared Predictor with @serve.batch, behind a FastAPI
 ingress that validates uploads (400 bad image, 413 too large) before they reach a model replica.
 """
-from __future__ import annotations
 
 import asyncio
 from typing import Any

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -29,6 +31,14 @@ class TrainResult:
     model_uri: str
     checkpoint_uri: str
     metrics: dict[str, Any]
+
+
+def worker_error_line(err: BaseException) -> str:
+    """The worker's own exception line (e.g. 'ValueError: no images under s3://...') out of Ray's long report."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ours = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)
+            and not line.startswith(("ray.", "TrainingFailedError", "WorkerGroupError", "ControllerError"))]
+    return ours[-1] if ours else (lines[0] if lines else type(err).__name__)
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
@@ -60,9 +70,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     """Train on Ray Train, then evaluate the final weights on held-out data and write `<output>/model/`."""
     spec = get_spec(cfg.model.family)
     # [1] Distributed training; checkpoints go to <output>/checkpoints/<name>/.
-    result = build_trainer(cfg).fit()
-    if result.error:
-        raise TrainingError(f"training run {cfg.name!r} failed: {result.error}") from result.error
+    try:
+        result = build_trainer(cfg).fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training run {cfg.name!r} failed: {worker_error_line(err)}") from None
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
 
