@@ -71,15 +71,33 @@ class TrainConfig(Strict):
 
 
 def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
-    """Set tree['a']['b'] = value for 'a.b'; intermediate mappings are created (validation rejects bad keys)."""
+    """Set tree['a']['b'] = value for 'a.b' (a numeric part indexes a list: 'applications.0.name').
+
+    Intermediate mappings are created; validation then rejects keys that do not exist."""
     *parents, leaf = dotted_key.split(".")
-    node = tree
+    node: Any = tree
     for part in parents:
+        if isinstance(node, list):
+            node = _list_item(node, part, dotted_key)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"--set {dotted_key}: '{part}' is not a section")
         node = child
-    node[leaf] = value
+    if isinstance(node, list):
+        node[_list_index(node, leaf, dotted_key)] = value
+    else:
+        node[leaf] = value
+
+
+def _list_index(items: list, part: str, dotted_key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {dotted_key}: '{part}' is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def _list_item(items: list, part: str, dotted_key: str) -> Any:
+    return items[_list_index(items, part, dotted_key)]
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:

@@ -62,7 +62,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if per_worker == 0:
         raise ValueError(f"{cfg.data.uri}: {len(data)} images cannot be split over {world} workers")
     shard = data[rank::world][:per_worker]
-    fixed = data[: cfg.train.num_samples].to(device)  # the same images in every epoch's sample grid
+    # The same images in every epoch's sample grid, spread over the (key-sorted, so class-sorted) dataset.
+    fixed = data[:: max(1, len(data) // cfg.train.num_samples)][: cfg.train.num_samples].to(device)
 
     # [2] Modules and optimizers; resume from the latest checkpoint if this run has one.
     state = spec.init_training(cfg.model, cfg.train.lr)

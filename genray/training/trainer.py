@@ -61,7 +61,9 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # One intra-op thread per CPU reserved, so two workers on two cores do not oversubscribe.
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.scaling.cpus_per_worker)))}},
+            # Train V2's print patch echoes every worker print() a second time on the driver.
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.scaling.cpus_per_worker))),
+                                             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
 

@@ -1,0 +1,119 @@
+"""The real `genray` command, run as a subprocess, end to end on tiny configs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from genray import storage
+from genray.artifacts import read_meta
+from genray.images import decode_image, encode_png
+
+from conftest import free_port
+
+GENRAY = str(Path(sys.executable).with_name("genray"))
+VERBS = [[], ["data"], ["data", "export"], ["train"], ["process"], ["serve"], ["demo"]]
+
+
+def genray(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([GENRAY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v) or "genray")
+def test_every_verb_has_help(verb):
+    r = genray(*verb, "--help")
+    assert r.returncode == 0 and "usage: genray" in r.stdout
+
+
+def test_data_export_writes_pngs_to_s3(s3_bucket):
+    r = genray("data", "export", "digits", "--to", f"{s3_bucket}/digits", "--split", "test")
+    assert r.returncode == 0, r.stderr
+    objects = storage.list_objects(f"{s3_bucket}/digits")
+    assert len(objects) == 360 and all(o.key.startswith("test/") for o in objects)
+    assert decode_image(storage.read_bytes(objects[0].uri), channels=None).shape == (28, 28, 1)
+
+
+def test_config_typo_is_one_clear_line():
+    r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", "train.lrr=0.1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "genray: error: configs/tiny/denoise_ae.yaml: train.lrr: unknown key (typo?)"
+    r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", "model.family=gann")
+    assert r.returncode == 2 and "denoise_ae" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_bucket_is_one_clear_line(s3_server, tmp_path):
+    r = genray("data", "export", "digits", "--to", "s3://no-such-bucket-cli/x", "--split", "test")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "s3://no-such-bucket-cli" in r.stderr and "does not exist" in r.stderr
+
+
+def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket):
+    # The CLI joins the test session's Ray through --address, as a user joins a cluster.
+    address = ray_local.get_runtime_context().gcs_address
+    out = f"{s3_bucket}/run"
+    r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", f"data.uri={digits_uri}/train/",
+               "--set", f"data.held_out_uri={digits_uri}/test/", "--set", "train.epochs=1",
+               "--output", out, "--address", address)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"model artefact: {out}/model" in r.stdout
+    assert read_meta(f"{out}/model")["metrics"]["epoch"] == 1
+
+    inputs = f"{s3_bucket}/in"
+    for i in range(3):
+        storage.write_bytes(f"{inputs}/{i}.png", encode_png(np.full((28, 28, 1), 40 * i, np.uint8)))
+    storage.write_bytes(f"{inputs}/broken.png", b"\x89PNG broken")
+    args = ("process", "denoise", "--input", inputs, "--output", f"{s3_bucket}/out", "--model", f"{out}/model",
+            "--batch-size", "2", "--address", address)
+    r = genray(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ok             3" in r.stdout and "error          1" in r.stdout
+    assert {o.key for o in storage.list_objects(f"{s3_bucket}/out") if not o.key.startswith("_")} == \
+        {"0.png", "1.png", "2.png"}
+    r = genray(*args)
+    assert r.returncode == 0 and "skipped        3" in r.stdout
+
+    r = genray("process", "denoise", "--input", inputs, "--output", f"{s3_bucket}/o2", "--model",
+               f"{s3_bucket}/not-a-model", "--address", address)
+    assert r.returncode == 2 and "not a genray model artefact" in r.stderr
+
+
+def test_serve_command_answers_http_and_stops_on_sigterm(tiny_model, tmp_path):
+    # Its own local Ray (no --address): `genray serve` as an operator starts it on a fresh machine.
+    _, trained = tiny_model
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [GENRAY, "serve", "configs/serve/denoise.yaml", "--port", str(port),
+         "--set", f"applications.0.args.models.denoise.uri={trained.model_uri}"],
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = requests.post(f"http://127.0.0.1:{port}/denoise", data=encode_png(np.zeros((28, 28, 1), np.uint8)),
+                                  timeout=10)
+                if r.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        while "serving at" not in (tmp_path / "serve.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)  # SIGTERM is handled once the command says it is serving
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
