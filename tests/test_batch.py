@@ -114,3 +114,28 @@ def test_missing_input_bucket_is_a_clear_error(tiny_model, s3_server):
     with pytest.raises(JobError, match="does not exist"):
         run_process_job(ProcessConfig(task="denoise", input_uri="s3://no-such-bucket-xyz/in",
                                       output_uri="s3://no-such-bucket-xyz/out", model_uri=trained.model_uri))
+
+
+def test_key_escaping_the_output_prefix_is_refused(ray_local, tiny_model, s3_bucket):
+    _, trained = tiny_model
+    bucket = s3_bucket.removeprefix("s3://")
+    png = encode_png(np.zeros((28, 28, 1), np.uint8))
+    storage.write_bytes(f"{s3_bucket}/in/fine.png", png)
+    # S3 keys are free-form: this one would write to <bucket>/escape.png, outside the output prefix.
+    storage.s3_client().put_object(Bucket=bucket, Key="in/../../escape.png", Body=png)
+    summary = run_process_job(ProcessConfig(task="denoise", input_uri=f"{s3_bucket}/in",
+                                            output_uri=f"{s3_bucket}/out/x", model_uri=trained.model_uri))
+    assert summary.counts == {"ok": 1, "skipped": 0, "error": 1}
+    rows = {r["input_key"]: r for r in read_manifest_table(f"{s3_bucket}/out/x").to_pylist()}
+    assert rows["../../escape.png"]["status"] == "error" and ".." in rows["../../escape.png"]["error"]
+    assert {o.key for o in storage.list_objects(s3_bucket)} == {
+        "in/fine.png", "in/../../escape.png", "out/x/fine.png"} | {
+        o.key for o in storage.list_objects(s3_bucket) if o.key.startswith("out/x/_manifest/")}
+
+
+def test_missing_output_bucket_fails_before_any_work(ray_local, tiny_model, s3_bucket):
+    _, trained = tiny_model
+    storage.write_bytes(f"{s3_bucket}/in/a.png", encode_png(np.zeros((28, 28, 1), np.uint8)))
+    with pytest.raises(JobError, match="no-such-out-bucket.*does not exist"):
+        run_process_job(ProcessConfig(task="denoise", input_uri=f"{s3_bucket}/in",
+                                      output_uri="s3://no-such-out-bucket/x", model_uri=trained.model_uri))

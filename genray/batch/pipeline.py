@@ -71,8 +71,9 @@ def check_model(cfg: ProcessConfig) -> dict[str, Any]:
     return meta
 
 
-def plan(cfg: ProcessConfig, digest: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows to process, rows skipped because the manifest has them done with this model and input ETag)."""
+def plan(cfg: ProcessConfig, digest: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows to process, rows skipped because the manifest has them done with this model and input ETag,
+    error rows for keys refused before any work, e.g. a key that would escape the output prefix)."""
     try:
         objects = storage.list_objects(cfg.input_uri, suffixes=IMAGE_SUFFIXES)
     except storage.StorageError as err:
@@ -80,16 +81,23 @@ def plan(cfg: ProcessConfig, digest: str) -> tuple[list[dict[str, Any]], list[di
     out_rel = _nested_prefix(cfg.input_uri, cfg.output_uri)
     objects = [o for o in objects if not (out_rel and o.key.startswith(out_rel))]  # never eat our own outputs
     done = manifest.read_manifest(cfg.output_uri)
-    todo, skipped, taken = [], [], set()
+    todo, skipped, refused, taken = [], [], [], set()
     for obj in objects:
         out_key = output_key_for(obj.key, taken)
+        try:
+            storage.join_uri(cfg.output_uri, out_key)
+        except storage.UnsafeKeyError as err:
+            refused.append({"input_key": obj.key, "output_key": None, "status": "error", "error": str(err),
+                            "input_etag": obj.etag, "model_digest": digest, "width": None, "height": None,
+                            "seconds": 0.0})
+            continue
         prev = done.get(obj.key)
         if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
                 and prev["model_digest"] == digest and prev["output_key"] == out_key:
             skipped.append({**prev, "status": "skipped", "error": None, "seconds": 0.0})
         else:
             todo.append({"input_key": obj.key, "input_uri": obj.uri, "input_etag": obj.etag, "output_key": out_key})
-    return todo, skipped
+    return todo, skipped, refused
 
 
 def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
@@ -170,19 +178,23 @@ def run_process_job(cfg: ProcessConfig, log=print) -> JobSummary:
     meta = check_model(cfg)
     digest = meta["digest"]
     summary = JobSummary(run_id=manifest.new_run_id())
-    todo, skipped = plan(cfg, digest)
-    log(f"[genray] {len(todo) + len(skipped)} inputs under {cfg.input_uri}: {len(todo)} to process, "
-        f"{len(skipped)} already done with model {digest[:19]}")
+    todo, skipped, refused = plan(cfg, digest)
+    log(f"[genray] {len(todo) + len(skipped) + len(refused)} inputs under {cfg.input_uri}: {len(todo)} to process, "
+        f"{len(skipped)} already done with model {digest[:19]}, {len(refused)} refused")
     if cfg.dry_run:
         for row in todo:
             log(f"  would process {row['input_key']} -> {row['output_key']}")
         summary.counts.update(skipped=len(skipped))
         return summary
 
-    storage.ensure_bucket(cfg.output_uri)
+    try:  # a missing output bucket is the user's to create: fail before any work, naming it
+        storage.list_objects(storage.join_uri(cfg.output_uri, manifest.MANIFEST_DIR))
+    except storage.StorageError as err:
+        raise JobError(f"output {err}") from None
     started = time.perf_counter()
-    part, pending, last_flush = 0, list(skipped), time.monotonic()
-    summary.counts.update(skipped=len(skipped))
+    part, pending, last_flush = 0, skipped + refused, time.monotonic()
+    summary.counts.update(skipped=len(skipped), error=len(refused))
+    summary.errors += [(r["input_key"], r["error"]) for r in refused[:10]]
     if todo:
         cpus = actor_cpus(cfg)
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 64)))

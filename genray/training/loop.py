@@ -108,13 +108,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(epoch=epoch, step=state.step, epoch_seconds=round(seconds, 4),
                        images_per_s=round(per_worker * world / max(seconds, 1e-9), 2))
         history.append(metrics)
-        if epoch % cfg.train.checkpoint_every and epoch != cfg.train.epochs:
-            continue
-        report(cfg, spec, state, metrics, history, fixed, epoch, rank)
+        # Metrics every epoch; a checkpoint every `checkpoint_every` epochs and at the end.
+        with_checkpoint = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
+        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint)
 
 
-def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int) -> None:
-    """Rank 0 writes outputs and a checkpoint; every rank calls ray.train.report (it is a barrier)."""
+def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int, with_checkpoint: bool) -> None:
+    """Rank 0 writes outputs (and a checkpoint); every rank calls ray.train.report (it is a barrier)."""
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -124,7 +124,10 @@ def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, r
     outputs.write_loss_plot(cfg.output_uri, history)
     losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)
     print(f"[genray] epoch {epoch}/{cfg.train.epochs} {losses} {metrics['images_per_s']:.0f} img/s "
-          f"({metrics['epoch_seconds']:.1f}s)", flush=True)
+          f"({metrics['epoch_seconds']:.1f}s){' checkpoint' if with_checkpoint else ''}", flush=True)
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({
             "modules": {n: unwrap(m).state_dict() for n, m in state.modules.items()},

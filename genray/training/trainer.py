@@ -43,7 +43,10 @@ def worker_error_line(err: BaseException) -> str:
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     checkpoints_uri = storage.join_uri(cfg.output_uri, "checkpoints")
-    storage.ensure_bucket(checkpoints_uri)
+    try:  # fail before starting workers if the output bucket is missing or unreadable
+        storage.list_objects(checkpoints_uri)
+    except storage.StorageError as err:
+        raise TrainingError(f"output {err}") from None
     fs, path = storage.pyarrow_filesystem(checkpoints_uri)
     return TorchTrainer(
         train_loop_per_worker,
