@@ -152,12 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="train -> bulk job over a local S3 server -> serve -> HTTP request")
     de.add_argument("--workdir", default="genray-demo-output", help="local copy of what the demo made")
-    de.add_argument("--epochs", type=int, default=8)
+    de.add_argument("--epochs", type=int, default=20)
     de.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from genray.runtime import prepare_local_env
+
+    prepare_local_env()  # before anything imports ray: a local Ray then listens on 127.0.0.1 only
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

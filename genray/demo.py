@@ -48,7 +48,7 @@ def make_noisy_inputs(clean_uri: str, noisy_uri: str, count: int, seed: int = 0)
     return pairs
 
 
-def run_demo(workdir: str = "genray-demo-output", epochs: int = 8) -> dict:
+def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
     from ray import serve
     import requests
 
@@ -72,6 +72,9 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 8) -> dict:
         for bucket in (DATA, RUNS):
             storage.ensure_bucket(bucket)
         init_ray()
+        import ray
+
+        print(f"    local Ray, node IP {ray.util.get_node_ip_address()} (loopback only)")
         timings["start"] = time.perf_counter() - t
 
         t = _step(2, f"embedded digits -> {DATA}/digits/ (28x28 PNGs, train/ and test/)")

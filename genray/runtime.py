@@ -12,6 +12,12 @@ LOCAL_RAY_ENV = {
 }
 
 
+def prepare_local_env() -> None:
+    """Default the LOCAL_RAY_ENV variables. Call before `import ray`: Ray reads some of them at import time."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
     """ray.init against `address` / RAY_ADDRESS if given, else a local instance; returns the context."""
     import ray
@@ -21,7 +27,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, log_to_driver=True)
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    prepare_local_env()  # for the Ray processes started below (the driver may have imported ray already)
     return ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                     logging_level="WARNING" if quiet else "INFO")

@@ -19,6 +19,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = r.stdout
+    assert "local Ray, node IP 127.0.0.1" in out  # Ray's listeners stay on loopback
     assert "held-out PSNR" in out and "rerun of the same command: 24 skipped, 0 processed again" in out
     assert "-> 200 image/png 28x28" in out and "a non-image body -> 400" in out
     demo = tmp_path / "demo"
