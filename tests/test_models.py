@@ -12,8 +12,8 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from genray import metrics
-from genray.images import to_float
 from genray.models import MODELS, get_spec, register_model
+from genray.models.data import build_dataset, fixed_batch
 
 FAMILIES = sorted(MODELS)
 IMAGE_TASKS = ("denoise", "superres", "style", "reconstruct")  # forward takes an image batch (B, C, H, W)
@@ -38,8 +38,18 @@ def _uint8_batch(spec, cfg, n: int = 8) -> np.ndarray:
     return images
 
 
-def _float_batch(spec, cfg, n: int = 8) -> torch.Tensor:
-    return torch.from_numpy(to_float(_uint8_batch(spec, cfg, n), spec.value_range))
+def _labels(n: int) -> list[int]:
+    return [i % 3 for i in range(n)]
+
+
+def _float_batch(spec, cfg, n: int = 8):
+    """A training batch as the loop builds it: the family's dataset over n images, collated."""
+    dataset = build_dataset(spec, list(_uint8_batch(spec, cfg, n)), _labels(n), cfg)
+    return fixed_batch(dataset, n)
+
+
+def _images(batch) -> torch.Tensor:
+    return batch if torch.is_tensor(batch) else batch[0]
 
 
 @contextlib.contextmanager
@@ -117,6 +127,8 @@ def test_train_steps_finite_losses_and_gradients(name):
 def test_loss_goes_down_on_one_batch(name):
     spec = MODELS[name]
     cfg = spec.config_cls.tiny()
+    if not spec.loss_decreases:
+        pytest.skip(f"{spec.name}: adversarial losses need not fall")
     _, losses = _train(spec, cfg, _float_batch(spec, cfg), steps=30, seed=0, lr=1e-2)
     values = [step["loss"] for step in losses]
     # Fresh noise every step makes single steps jumpy; compare the first and last five.
@@ -133,7 +145,7 @@ def test_state_dict_round_trip(name):
     trained = state.model.eval()
     torch.manual_seed(123)  # a different init, so the copy only matches if the state_dict loaded
     fresh = spec.build(cfg).eval()
-    x = _float_batch(spec, cfg, n=3)
+    x = _images(_float_batch(spec, cfg, n=3))
     with torch.no_grad():
         assert not torch.equal(fresh(x), trained(x))
         fresh.load_state_dict(trained.state_dict())
@@ -160,13 +172,13 @@ def test_seeded_determinism(name):
 def test_sample_grid_is_uint8_hwc(name):
     spec = MODELS[name]
     cfg = spec.config_cls.tiny()
-    model = spec.build(cfg).eval()
-    clean = _float_batch(spec, cfg, n=4)
-    grid = spec.sample_grid(model, clean, cfg)
+    state = spec.init_training(cfg, 1e-3)
+    batch = _float_batch(spec, cfg, n=4)
+    grid = spec.sample_grid({k: m.eval() for k, m in state.modules.items()}, batch, cfg)
     assert isinstance(grid, np.ndarray) and grid.dtype == np.uint8
     assert grid.ndim == 3 and grid.shape[2] in (1, 3)
-    side = clean.shape[-1] * spec.scale
-    assert grid.shape[0] > side and grid.shape[1] >= 4 * side  # several tiles, one column per sample
+    side = _images(batch).shape[-1]
+    assert grid.shape[0] > side and grid.shape[1] >= 2 * side  # several tiles
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -174,7 +186,7 @@ def test_evaluate_returns_finite_floats(name):
     spec = MODELS[name]
     cfg = spec.config_cls.tiny()
     model = spec.build(cfg).eval()
-    result = spec.evaluate(model, _uint8_batch(spec, cfg, n=6), cfg)
+    result = spec.evaluate(model, list(_uint8_batch(spec, cfg, n=6)), _labels(6), cfg)
     assert result
     for key, value in result.items():
         assert isinstance(key, str) and isinstance(value, float) and math.isfinite(value), (key, value)
@@ -184,11 +196,11 @@ def test_denoise_ae_evaluate_reports_gain():
     spec = get_spec("denoise_ae")
     cfg = spec.config_cls.tiny()
     model = spec.build(cfg).eval()
-    images = _uint8_batch(spec, cfg, n=6)
-    result = spec.evaluate(model, images, cfg)
+    images = list(_uint8_batch(spec, cfg, n=6))
+    result = spec.evaluate(model, images, None, cfg)
     assert result["num_eval_images"] == 6.0
     assert result["psnr_gain_db"] == pytest.approx(result["psnr_denoised_db"] - result["psnr_noisy_db"])
-    assert spec.evaluate(model, images, cfg) == result  # fixed evaluation noise: comparable across epochs
+    assert spec.evaluate(model, images, None, cfg) == result  # fixed evaluation noise: comparable across epochs
 
 
 # --- the registry --------------------------------------------------------------------------------------------

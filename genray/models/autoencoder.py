@@ -82,22 +82,22 @@ def train_step(state: TrainState, clean: torch.Tensor) -> dict[str, float]:
     return {"loss": loss.item()}
 
 
-def _noisy_pairs(images: np.ndarray, cfg: DenoiseAEConfig, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    clean = torch.from_numpy(to_float(images, "sigmoid"))
+def _noisy_pairs(images: list[np.ndarray], cfg: DenoiseAEConfig, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    clean = torch.from_numpy(to_float(np.stack(images), "sigmoid"))
     return clean, add_noise(clean, cfg.noise_std, torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
-def sample_grid(model: nn.Module, clean: torch.Tensor, cfg: DenoiseAEConfig) -> np.ndarray:
+def sample_grid(modules: dict[str, nn.Module], clean: torch.Tensor, cfg: DenoiseAEConfig) -> np.ndarray:
     """Rows: noisy / denoised / clean, one column per sample image."""
     noisy = add_noise(clean, cfg.noise_std, torch.Generator().manual_seed(0))
-    rows = [noisy, model(noisy), clean]
+    rows = [noisy, modules["model"](noisy), clean]
     tiles = [img for row in rows for img in to_uint8(row.cpu().numpy(), "sigmoid")]
     return make_grid(tiles, nrow=clean.shape[0])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: np.ndarray, cfg: DenoiseAEConfig) -> dict[str, float]:
+def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | None, cfg: DenoiseAEConfig) -> dict[str, float]:
     """PSNR (dB, data range 1) of noisy and denoised held-out images against the clean ones."""
     clean, noisy = _noisy_pairs(images, cfg)
     denoised = torch.cat([model(chunk) for chunk in noisy.split(256)])

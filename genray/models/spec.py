@@ -5,7 +5,7 @@ one file plus one line in genray/models/__init__.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -26,7 +26,11 @@ class TrainState:
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     cfg: Any  # the family's config object
-    step: int = 0
+    step: int = 0  # optimizer steps so far (carried over on resume)
+    epoch: int = 0  # the epoch being trained, 1-based (set by the loop; phases such as SRGAN's pretraining use it)
+    # Helpers that are not trained and not checkpointed (e.g. a frozen VGG for perceptual losses); the family
+    # moves them to the batch's device itself.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
@@ -36,16 +40,25 @@ class TrainState:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    config_cls: type  # pydantic model with family: Literal[name] and a tiny() classmethod
+    config_cls: type  # pydantic model with family: Literal[name], extra="forbid", frozen, and a tiny() classmethod
     task: Task
     value_range: ValueRange
-    build: Callable[[Any], nn.Module]  # cfg -> the inference network
+    build: Callable[[Any], nn.Module]  # cfg -> the network saved in the artefact and used for inference
     init_training: Callable[[Any, float], TrainState]  # (cfg, lr) -> modules + optimizers
-    train_step: Callable[[TrainState, torch.Tensor], dict[str, float]]  # (state, batch NCHW) -> losses
-    # (state or model, fixed float batch NCHW, cfg) -> uint8 HWC grid for samples/epoch_NNN.png
-    sample_grid: Callable[[nn.Module, torch.Tensor, Any], np.ndarray]
-    # (model, held-out uint8 NHWC images, cfg) -> quality metrics for model.json
-    evaluate: Callable[[nn.Module, np.ndarray, Any], dict[str, float]]
+    # (state, batch) -> losses. The batch is what the family's dataset yields, collated and on the device.
+    train_step: Callable[[TrainState, Any], dict[str, float]]
+    # (unwrapped modules, a fixed collated batch, cfg) -> uint8 HWC grid for samples/epoch_NNN.png
+    sample_grid: Callable[[dict[str, nn.Module], Any, Any], np.ndarray]
+    # (model, held-out uint8 HWC images, their labels or None, cfg) -> quality metrics for model.json
+    evaluate: Callable[[nn.Module, list[np.ndarray], list[int] | None, Any], dict[str, float]]
     in_channels: Callable[[Any], int]
+    # (uint8 HWC images, labels or None, cfg) -> a torch Dataset for training. None: the images as one float
+    # tensor each, in value_range (they must share one size); see genray.models.data.
+    make_dataset: Callable[[list[np.ndarray], list[int] | None, Any], torch.utils.data.Dataset] | None = None
+    # (model, n, seed, cfg) -> n generated uint8 HWC images stacked (N, H, W, C), for generative families
+    generate: Callable[[nn.Module, int, int, Any], np.ndarray] | None = None
+    # (model, held-out images, labels, cfg) -> extra files for the run's output, e.g. {"embedding.png": b"..."}
+    extra_outputs: Callable[[nn.Module, list[np.ndarray], list[int] | None, Any], dict[str, bytes]] | None = None
     scale: int = 1  # output size / input size (4 for x4 super-resolution)
     size_multiple: int = 1  # inputs are padded to a multiple of this before the forward pass
+    loss_decreases: bool = True  # False for adversarial losses, which need not fall (the test battery reads it)

@@ -8,28 +8,32 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from genray.config import TrainConfig
-from genray.datasets import read_image_prefix
-from genray.images import to_float
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec
+from genray.models.data import build_dataset, fixed_batch
 from genray.training import outputs
 
 CHECKPOINT_FILE = "state.pt"
 
 
-def load_training_images(cfg: TrainConfig, channels: int, value_range: str) -> torch.Tensor:
-    """All training images as one float tensor (N, C, H, W). Small datasets only; big ones go through Ray Data."""
-    images, keys = read_image_prefix(cfg.data.uri, channels=channels, limit=cfg.data.limit)
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"{cfg.data.uri}: training images must share one size, found {sorted(shapes)[:4]}")
-    return torch.from_numpy(to_float(np.stack(images), value_range))
+def load_training_data(cfg: TrainConfig, spec) -> Dataset:
+    """The family's training dataset over every image under data.uri (labels from a <label>/ folder layout)."""
+    images, keys = read_image_prefix(cfg.data.uri, channels=spec.in_channels(cfg.model), limit=cfg.data.limit)
+    return build_dataset(spec, images, labels_from_keys(keys), cfg.model)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
 
 
 def mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -56,14 +60,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Each worker gets one intra-op thread by default on CPU-only clusters; honour what Ray reserved.
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-    # [1] Data: every worker reads the prefix and keeps an equal-sized shard (DDP needs equal step counts).
-    data = load_training_images(cfg, spec.in_channels(cfg.model), spec.value_range)
-    per_worker = len(data) // world
-    if per_worker == 0:
-        raise ValueError(f"{cfg.data.uri}: {len(data)} images cannot be split over {world} workers")
-    shard = data[rank::world][:per_worker]
-    # The same images in every epoch's sample grid, spread over the (key-sorted, so class-sorted) dataset.
-    fixed = data[:: max(1, len(data) // cfg.train.num_samples)][: cfg.train.num_samples].to(device)
+    # [1] Data: every worker reads the prefix; a DistributedSampler gives each an equal shard (DDP needs equal
+    # step counts), reshuffled every epoch.
+    dataset = load_training_data(cfg, spec)
+    if len(dataset) < world:
+        raise ValueError(f"{cfg.data.uri}: {len(dataset)} training items cannot be split over {world} workers")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler)
+    fixed = to_device(fixed_batch(dataset, cfg.train.num_samples), device)  # the same items in every grid
 
     # [2] Modules and optimizers; resume from the latest checkpoint if this run has one.
     state = spec.init_training(cfg.model, cfg.train.lr)
@@ -79,8 +84,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history, state.step = saved["epoch"], saved["history"], saved["step"]
         if rank == 0:
             print(f"[genray] resuming {cfg.name} after epoch {start_epoch}")
-    # Each module is wrapped in DDP on its own, so a GAN's D and G updates stay separate.
-    state.modules = {name: ray.train.torch.prepare_model(m) for name, m in state.modules.items()}
+    # Each module is wrapped in DDP on its own, so a GAN's D and G updates stay separate. Modules with nothing to
+    # train (an EMA copy, a frozen VGG) only move to the device: DDP refuses them.
+    state.modules = {
+        name: ray.train.torch.prepare_model(m) if any(p.requires_grad for p in m.parameters()) else m.to(device)
+        for name, m in state.modules.items()
+    }
     for opt in state.optimizers.values():  # optimizer state loaded on CPU follows the params to the device
         for s in opt.state.values():
             for k, v in s.items():
@@ -88,25 +97,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     s[k] = v.to(device)
 
     # [3] Epochs.
-    bs = cfg.train.batch_size
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         for m in state.modules.values():
             m.train()
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)  # e.g. new random crops
+        state.epoch = epoch
         started = time.perf_counter()
-        order = torch.randperm(per_worker, generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
         sums: dict[str, float] = {}
-        num_steps = 0
-        for i in range(0, per_worker, bs):
-            batch = shard[order[i : i + bs]].to(device, non_blocking=True)
+        num_steps, num_items = 0, 0
+        for batch in loader:
+            batch = to_device(batch, device)
             losses = spec.train_step(state, batch)
             state.step += 1
             num_steps += 1
+            num_items += len(batch) if torch.is_tensor(batch) else len(batch[0])
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - started
         metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
         metrics.update(epoch=epoch, step=state.step, epoch_seconds=round(seconds, 4),
-                       images_per_s=round(per_worker * world / max(seconds, 1e-9), 2))
+                       images_per_s=round(num_items * world / max(seconds, 1e-9), 2))
         history.append(metrics)
         # Metrics every epoch; a checkpoint every `checkpoint_every` epochs and at the end.
         with_checkpoint = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
@@ -118,8 +130,8 @@ def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, r
     if rank != 0:
         ray.train.report(metrics)
         return
-    model = unwrap(state.modules["model"]).eval()
-    outputs.write_sample_grid(cfg.output_uri, epoch, spec.sample_grid(model, fixed, cfg.model))
+    modules = {name: unwrap(m).eval() for name, m in state.modules.items()}
+    outputs.write_sample_grid(cfg.output_uri, epoch, spec.sample_grid(modules, fixed, cfg.model))
     outputs.write_metrics(cfg.output_uri, history)
     outputs.write_loss_plot(cfg.output_uri, history)
     losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)

@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -15,7 +14,7 @@ from ray.train.torch import TorchTrainer
 from genray import storage
 from genray.artifacts import save_artifact
 from genray.config import TrainConfig
-from genray.datasets import read_image_prefix
+from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec
 from genray.training import outputs
 from genray.training.loop import CHECKPOINT_FILE, train_loop_per_worker
@@ -92,8 +91,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # [3] Quality on held-out images, then the artefact.
     metrics: dict[str, Any] = {k: v for k, v in saved["history"][-1].items()}
     if cfg.data.held_out_uri:
-        images, _ = read_image_prefix(cfg.data.held_out_uri, channels=spec.in_channels(cfg.model))
-        metrics.update(spec.evaluate(model, np.stack(images), cfg.model))
+        images, keys = read_image_prefix(cfg.data.held_out_uri, channels=spec.in_channels(cfg.model))
+        labels = labels_from_keys(keys)
+        metrics.update(spec.evaluate(model, images, labels, cfg.model))
+        for name, data in (spec.extra_outputs(model, images, labels, cfg.model) if spec.extra_outputs else {}).items():
+            storage.write_bytes(storage.join_uri(cfg.output_uri, name), data)
     model_uri = storage.join_uri(cfg.output_uri, "model")
     save_artifact(model_uri, spec, cfg.model, model, metrics,
                   extra={"train": cfg.train.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
