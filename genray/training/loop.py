@@ -118,7 +118,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
         metrics.update(epoch=epoch, step=state.step, epoch_seconds=round(seconds, 4),
-                       images_per_s=round(num_items * world / max(seconds, 1e-9), 2))
+                       images_per_s=round(num_items * world / max(seconds, 1e-9), 2), world_size=world)
+        if checkpoint and epoch == start_epoch + 1:
+            metrics["resumed_after_epoch"] = start_epoch  # this attempt started from a checkpoint
         history.append(metrics)
         # Metrics every epoch; a checkpoint every `checkpoint_every` epochs and at the end.
         with_checkpoint = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
