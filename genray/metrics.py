@@ -19,3 +19,39 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float) -> float:
 def mean_psnr(references: np.ndarray, tests: np.ndarray, data_range: float) -> float:
     """Mean of per-image PSNRs over the first axis (the usual way papers report a test set)."""
     return float(np.mean([psnr(r, t, data_range) for r, t in zip(references, tests)]))
+
+
+def ssim(reference: np.ndarray, test: np.ndarray, data_range: float, channel_axis: int | None = None) -> float:
+    """Mean structural similarity (Wang et al. 2004) as skimage.metrics.structural_similarity computes it by
+    default: a uniform 7x7 window, K1=0.01, K2=0.03, sample covariance, and the mean over the image with a
+    3-pixel border left out (where the window would hang over the edge). With channel_axis, the mean of the
+    per-channel values (RGB images: channel_axis=-1)."""
+    from scipy.ndimage import uniform_filter
+
+    reference = np.asarray(reference, dtype=np.float64)
+    test = np.asarray(test, dtype=np.float64)
+    if reference.shape != test.shape:
+        raise ValueError(f"ssim: shapes differ: {reference.shape} vs {test.shape}")
+    if channel_axis is not None:
+        reference, test = np.moveaxis(reference, channel_axis, -1), np.moveaxis(test, channel_axis, -1)
+        return float(np.mean([ssim(reference[..., c], test[..., c], data_range)
+                              for c in range(reference.shape[-1])]))
+    win_size = 7
+    if min(reference.shape) < win_size:
+        raise ValueError(f"ssim: every side must be at least {win_size}, got {reference.shape}")
+    num_points = win_size**reference.ndim
+    cov_norm = num_points / (num_points - 1)  # sample covariance, skimage's default
+    mean_x, mean_y = uniform_filter(reference, win_size), uniform_filter(test, win_size)
+    var_x = cov_norm * (uniform_filter(reference * reference, win_size) - mean_x * mean_x)
+    var_y = cov_norm * (uniform_filter(test * test, win_size) - mean_y * mean_y)
+    cov_xy = cov_norm * (uniform_filter(reference * test, win_size) - mean_x * mean_y)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
+         / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)))
+    pad = (win_size - 1) // 2
+    return float(s[tuple(slice(pad, -pad) for _ in s.shape)].mean())
+
+
+def mean_ssim(references: np.ndarray, tests: np.ndarray, data_range: float, channel_axis: int | None = None) -> float:
+    """Mean of per-image SSIMs over the first axis; channel_axis counts within one image (RGB HWC: -1)."""
+    return float(np.mean([ssim(r, t, data_range, channel_axis) for r, t in zip(references, tests)]))

@@ -154,3 +154,14 @@ def tiny_model(ray_session, digits_uri):
     storage.ensure_bucket("s3://genray-test-runs")
     cfg = tiny_train_config(digits_uri, "s3://genray-test-runs/tiny", epochs=4)
     return cfg, run_training(cfg)
+
+
+@pytest.fixture(scope="session")
+def photos_uri(s3_server) -> str:
+    """The embedded photos in S3 (train/ and test/), where the tiny photo configs expect them."""
+    from genray.datasets import export_dataset
+
+    uri = "s3://genray-test-data/photos"
+    storage.ensure_bucket(uri)
+    export_dataset("photos", uri)
+    return uri

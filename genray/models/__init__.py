@@ -5,6 +5,9 @@ CLI choices, config validation and the test battery all derive from MODELS. This
 from __future__ import annotations
 
 from genray.models import autoencoder
+from genray.models import denoiser, srgan
+from genray.models import style
+from genray.models import vae
 from genray.models.spec import ModelSpec, TrainState
 
 MODELS: dict[str, ModelSpec] = {}
@@ -25,5 +28,11 @@ def get_spec(name: str) -> ModelSpec:
 
 
 register_model(autoencoder.DENOISE_AE)
+register_model(srgan.SRGAN)
+register_model(denoiser.PHOTO_DENOISER)
+register_model(style.STYLE_NET)
+register_model(vae.VAE_SPEC)
+register_model(autoencoder.DENSE_AE)
+register_model(autoencoder.SAE_CLASSIFIER)
 
 __all__ = ["MODELS", "ModelSpec", "TrainState", "get_spec", "register_model"]

@@ -46,6 +46,16 @@ def mean_across_workers(values: dict[str, float], device: torch.device) -> dict[
     return dict(zip(keys, t.tolist()))
 
 
+def worker_placement() -> dict[str, list]:
+    """pid and Ray node id of every worker (rank order), recorded in the metrics to show where the run ran."""
+    info = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    everyone = [info]
+    if dist.is_available() and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, info)
+    return {"worker_pids": [w["pid"] for w in everyone], "worker_nodes": [w["node_id"] for w in everyone]}
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if hasattr(module, "module") else module  # DDP keeps the real model in .module
 
@@ -96,6 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if torch.is_tensor(v) and k != "step":
                     s[k] = v.to(device)
 
+    placement = worker_placement()
+
     # [3] Epochs.
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         for m in state.modules.values():
@@ -118,7 +130,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
         metrics.update(epoch=epoch, step=state.step, epoch_seconds=round(seconds, 4),
-                       images_per_s=round(num_items * world / max(seconds, 1e-9), 2), world_size=world)
+                       images_per_s=round(num_items * world / max(seconds, 1e-9), 2), world_size=world,
+                       **placement)
         if checkpoint and epoch == start_epoch + 1:
             metrics["resumed_after_epoch"] = start_epoch  # this attempt started from a checkpoint
         history.append(metrics)

@@ -1,0 +1,148 @@
+"""Fréchet distance (Heusel et al. 2017, "FID") on the features of a small CNN digits classifier.
+
+Inception features need a download; this classifier trains in seconds on the embedded digits, so generators of
+28x28x1 images get a comparable quality number offline. No Ray here.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from genray.images import to_float
+
+CACHE_FILE = "digits_classifier_v1.pt"  # bump the version when the architecture or the training recipe changes
+NUM_FEATURES = 128
+_SEED, _EPOCHS, _BATCH_SIZE, _LR = 0, 12, 64, 2e-3
+
+
+class DigitsClassifier(nn.Module):
+    """Two conv blocks and a 128-unit hidden layer; (B, 1, 28, 28) in [0, 1] -> 10 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, NUM_FEATURES), nn.ReLU(),  # (B, 128): the FID features
+        )
+        self.head = nn.Linear(NUM_FEATURES, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _as_tensor(images) -> torch.Tensor:
+    """uint8 (N, 28, 28, 1) array or list of (28, 28, 1) -> float (N, 1, 28, 28) in [0, 1]."""
+    array = np.stack([np.asarray(im) for im in images]) if isinstance(images, (list, tuple)) else np.asarray(images)
+    if array.ndim != 4 or array.shape[1:] != (28, 28, 1) or array.dtype != np.uint8:
+        raise ValueError(f"the digits classifier needs uint8 (N, 28, 28, 1) images, got {array.dtype} {array.shape}")
+    return torch.from_numpy(to_float(array, "sigmoid"))
+
+
+def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from genray.datasets import load_embedded
+
+    images, labels, keys = load_embedded("digits")
+    chosen = [i for i, key in enumerate(keys) if key.startswith(split + "/")]
+    return _as_tensor([images[i] for i in chosen]), torch.tensor([labels[i] for i in chosen])
+
+
+def train_digits_classifier() -> DigitsClassifier:
+    """Train on the embedded digits' train split, seeded, on CPU, without touching the global RNG (~5-15 s)."""
+    x, y = _split("train")
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        torch.set_num_threads(min(threads, 2))  # the same float sums on every machine with >= 2 cores
+        model = DigitsClassifier()
+        opt = torch.optim.Adam(model.parameters(), lr=_LR)
+        for _ in range(_EPOCHS):
+            order = torch.randperm(len(x))
+            for idx in order.split(_BATCH_SIZE):
+                # Random shifts of up to 2 pixels: the generated digits are not all perfectly centred.
+                dy, dx = (int(v) for v in torch.randint(-2, 3, (2,)))
+                batch = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))
+                loss = F.cross_entropy(model(batch), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def _cache_path() -> str:
+    cache_dir = os.path.expanduser(os.environ.get("GENRAY_CACHE_DIR", "~/.cache/genray"))
+    return os.path.join(cache_dir, CACHE_FILE)
+
+
+@functools.lru_cache(maxsize=1)
+def digits_classifier() -> nn.Module:
+    """The trained classifier (eval mode, CPU), from this process, the disk cache, or trained now and cached."""
+    path = _cache_path()
+    model = DigitsClassifier()
+    if os.path.isfile(path):
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        except (RuntimeError, OSError, EOFError, KeyError):
+            pass  # a truncated or stale file: train again and overwrite it
+    model = train_digits_classifier()
+    try:  # write then rename, so a concurrent reader never sees half a file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(model.state_dict(), f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home still gets a working classifier, just not a cached one
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def classifier_accuracy(images, labels) -> float:
+    model = digits_classifier()
+    logits = torch.cat([model(chunk) for chunk in _as_tensor(images).split(512)])
+    return float((logits.argmax(1) == torch.as_tensor(labels)).float().mean())
+
+
+@torch.no_grad()
+def classifier_features(images) -> np.ndarray:
+    """uint8 (N, 28, 28, 1) images -> float64 (N, 128) penultimate-layer features."""
+    model = digits_classifier()
+    feats = [model.features(chunk) for chunk in _as_tensor(images).split(512)]
+    return torch.cat(feats).double().numpy()
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||² + Tr(S_a + S_b - 2 (S_a S_b)^½) between Gaussians fitted to two (N, D) feature sets.
+
+    As in the reference FID code: if the matrix square root is not finite (near-singular covariances, e.g. fewer
+    samples than dimensions), eps is added to both diagonals; tiny imaginary parts from numerical error are dropped.
+    """
+    a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need two (N >= 2, D) feature sets of one D, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sigma_a, sigma_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(sigma_a @ sigma_b)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma_a)) * eps
+        covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    covmean = np.real(covmean)
+    diff = mu_a - mu_b
+    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean)
+    return float(max(distance, 0.0))  # identical sets give ~-1e-12 from rounding, never a real negative
+
+
+def frechet_distance_images(a, b) -> float:
+    """Fréchet distance between two sets of uint8 (N, 28, 28, 1) images on the digits classifier's features."""
+    return frechet_distance(classifier_features(a), classifier_features(b))

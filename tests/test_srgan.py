@@ -1,0 +1,200 @@
+"""SRGAN family (genray.models.srgan) and genray.metrics.ssim: tiny models on CPU, no Ray."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from genray import metrics
+from genray.artifacts import save_artifact
+from genray.datasets import load_embedded
+from genray.inference import Predictor
+from genray.models import get_spec
+from genray.models.data import fixed_batch
+from genray.models.srgan import SRGANConfig, bicubic_downscale, in_pretraining
+from genray.models.vgg import VGGWeightsError
+
+SPEC = get_spec("srgan")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from intra-op threads and slow down on a busy 2-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    images, _, keys = load_embedded("photos")
+    return [im for im, key in zip(images, keys) if key.startswith("train/")]
+
+
+def _cfg(**changes) -> SRGANConfig:
+    return SRGANConfig.tiny().model_copy(update=changes)
+
+
+def _batch(photos, cfg: SRGANConfig, n: int = 4):
+    return fixed_batch(SPEC.make_dataset(photos[:2], None, cfg), n)
+
+
+def test_generator_is_x4_on_odd_sizes():
+    model = SPEC.build(SRGANConfig.tiny()).eval()
+    for h, w in [(5, 7), (13, 3), (1, 1)]:
+        with torch.no_grad():
+            y = model(torch.rand(2, 3, h, w) * 2 - 1)
+        assert y.shape == (2, 3, 4 * h, 4 * w)
+        assert y.abs().max() <= 1
+
+
+def test_default_architecture_follows_the_paper():
+    cfg = SRGANConfig()
+    g, d = SPEC.build(cfg), get_spec("srgan").init_training(cfg.model_copy(update={"content": "mse"}), 1e-4).modules[
+        "discriminator"]
+    assert len(g.body) == 16 and g.head[0].kernel_size == (9, 9) and g.tail.kernel_size == (9, 9)
+    widths = [block.conv.out_channels for block in d.features]
+    strides = [block.conv.stride[0] for block in d.features]
+    assert widths == [64, 64, 128, 128, 256, 256, 512, 512] and strides == [1, 2] * 4
+    assert d.classifier[1].out_features == 1024
+    # Adaptive pooling: the discriminator takes any crop size.
+    with torch.no_grad():
+        assert d.eval()(torch.zeros(1, 3, 40, 56)).shape == (1,)
+
+
+def test_dataset_pairs_are_bicubic_x4_downscales(photos):
+    cfg = _cfg(hr_crop=32)
+    lr, hr = SPEC.make_dataset(photos[:1], None, cfg)[0]
+    assert hr.shape == (3, 32, 32) and lr.shape == (3, 8, 8)
+    hr_uint8 = np.rint((hr.numpy().transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
+    expected = bicubic_downscale(hr_uint8).transpose(2, 0, 1) / 127.5 - 1
+    np.testing.assert_allclose(lr.numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SRGANConfig(hr_crop=30)
+
+
+def test_pretrain_steps_lower_mse(photos):
+    cfg = _cfg(pretrain_epochs=1)
+    batch = _batch(photos, cfg)
+    torch.manual_seed(0)
+    state = SPEC.init_training(cfg, 5e-3)
+    state.epoch = 1
+    assert in_pretraining(cfg, state.epoch)
+    d_before = {k: v.clone() for k, v in state.modules["discriminator"].state_dict().items()}
+    losses = [SPEC.train_step(state, batch) for _ in range(25)]
+    assert set(losses[0]) == {"loss", "mse"}
+    assert np.mean([x["mse"] for x in losses[-5:]]) < 0.7 * np.mean([x["mse"] for x in losses[:5]])
+    for k, v in state.modules["discriminator"].state_dict().items():  # D untouched while pretraining
+        assert torch.equal(v, d_before[k])
+
+
+def test_gan_step_updates_discriminator_and_generator(photos):
+    cfg = _cfg(pretrain_epochs=1)
+    batch = _batch(photos, cfg)
+    torch.manual_seed(0)
+    state = SPEC.init_training(cfg, 1e-3)
+    state.epoch = 2
+    assert not in_pretraining(cfg, state.epoch)
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in state.modules.items()}
+    losses = SPEC.train_step(state, batch)
+    assert {"loss", "mse", "loss_d", "loss_adv"} <= set(losses) and "loss_vgg" not in losses
+    assert losses["loss"] == pytest.approx(losses["mse"] + cfg.adversarial_weight * losses["loss_adv"], rel=1e-5)
+    for name, module in state.modules.items():
+        changed = [not torch.equal(a, b) for a, b in zip(before[name], module.parameters())]
+        assert all(changed), f"{name}: {changed.count(False)} parameters did not move"
+
+
+def _save_vgg(path) -> str:
+    from torchvision.models import vgg19
+
+    torch.manual_seed(0)
+    torch.save(vgg19(weights=None).state_dict(), path)
+    return str(path)
+
+
+def test_vgg_content_loss_loads_weights_from_uri(tmp_path, photos):
+    uri = _save_vgg(tmp_path / "vgg19.pth")
+    cfg = _cfg(content="mse+vgg", vgg_weights=uri, vgg_download=False, pretrain_epochs=0)
+    state = SPEC.init_training(cfg, 1e-3)
+    assert state.extras["vgg_source"] == uri
+    assert "vgg" not in state.modules and "vgg" not in state.optimizers  # frozen: neither checkpointed nor trained
+    assert not any(p.requires_grad for p in state.extras["vgg"].parameters())
+    losses = SPEC.train_step(state, _batch(photos, cfg, n=2))
+    assert losses["loss_vgg"] > 0 and np.isfinite(losses["loss"])
+    expected = losses["mse"] + losses["loss_vgg"] + cfg.adversarial_weight * losses["loss_adv"]
+    assert losses["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_vgg_weights_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torchvision cache
+    cfg = _cfg(content="vgg", vgg_download=False)
+    with pytest.raises(VGGWeightsError, match="vgg_weights"):
+        SPEC.init_training(cfg, 1e-3)
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        state = SPEC.init_training(cfg.model_copy(update={"allow_untrained_vgg": True}), 1e-3)
+    assert state.extras["vgg_source"] == "untrained"
+    # Content "mse" never touches VGG.
+    assert "vgg" not in SPEC.init_training(_cfg(content="mse"), 1e-3).extras
+
+
+def test_predictor_upscales_x4_and_tiles_match(tmp_path, photos):
+    cfg = _cfg(pretrain_epochs=1)
+    batch = _batch(photos, cfg)
+    torch.manual_seed(0)
+    state = SPEC.init_training(cfg, 5e-3)
+    state.epoch = 1
+    for _ in range(10):  # a few steps so the output is not a near-constant image
+        SPEC.train_step(state, batch)
+    uri = str(tmp_path / "model")
+    save_artifact(uri, SPEC, cfg, state.model.eval(), {})
+    image = photos[0][100:120, 200:230]  # (20, 30, 3)
+    whole = Predictor.from_uri(uri, device="cpu", tile=64)([image])[0]
+    assert whole.shape == (80, 120, 3) and whole.dtype == np.uint8
+    # Tiny G's receptive field is ~10 LR pixels; an overlap of 8 hides almost all of the tile edges.
+    tiled = Predictor.from_uri(uri, device="cpu", tile=18, tile_overlap=8)([image])[0]
+    diff = np.abs(whole.astype(int) - tiled.astype(int))
+    assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_evaluate_reports_sr_and_bicubic(photos):
+    cfg = SRGANConfig.tiny()
+    model = SPEC.build(cfg).eval()
+    result = SPEC.evaluate(model, [photos[0][:301, :203], photos[1]], None, cfg)
+    assert set(result) >= {"psnr_sr_db", "psnr_bicubic_db", "psnr_gain_over_bicubic_db", "ssim_sr", "ssim_bicubic"}
+    assert result["psnr_gain_over_bicubic_db"] == pytest.approx(result["psnr_sr_db"] - result["psnr_bicubic_db"])
+    assert 20 < result["psnr_bicubic_db"] < 50 and 0 < result["ssim_bicubic"] <= 1
+
+
+def test_sample_grid_has_three_rows(photos):
+    cfg = SRGANConfig.tiny()
+    batch = _batch(photos, cfg, n=3)
+    grid = SPEC.sample_grid({"model": SPEC.build(cfg).eval()}, batch, cfg)
+    assert grid.shape == (3 * (16 + 2) + 2, 3 * (16 + 2) + 2, 3)
+
+
+# --- metrics.ssim --------------------------------------------------------------------------------------------
+
+def _ssim_pairs():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (33, 41, 3), dtype=np.uint8)
+    noisy = np.clip(rgb.astype(int) + rng.integers(-25, 26, rgb.shape), 0, 255).astype(np.uint8)
+    grey = rng.random((20, 27))
+    return [(rgb, noisy, 255, -1), (rgb[:, :, 1], noisy[:, :, 1], 255, None), (grey, grey ** 2, 1.0, None),
+            (np.moveaxis(rgb, -1, 0), np.moveaxis(noisy, -1, 0), 255, 0)]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_ssim_matches_skimage(index):
+    reference, test, data_range, channel_axis = _ssim_pairs()[index]
+    theirs = structural_similarity(reference, test, data_range=data_range, channel_axis=channel_axis)
+    assert metrics.ssim(reference, test, data_range, channel_axis) == pytest.approx(theirs, abs=1e-3)
+    assert metrics.ssim(reference, reference, data_range, channel_axis) == pytest.approx(1.0)
+
+
+def test_mean_ssim_is_mean_of_per_image():
+    reference, test, data_range, _ = _ssim_pairs()[0]
+    pairs = [(reference, test), (reference[:20], test[:20])]
+    expected = np.mean([structural_similarity(r, t, data_range=255, channel_axis=-1) for r, t in pairs])
+    assert metrics.mean_ssim([p[0] for p in pairs], [p[1] for p in pairs], 255, channel_axis=-1) == pytest.approx(
+        expected, abs=1e-3)
