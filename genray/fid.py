@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -17,22 +18,24 @@ from torch import nn
 
 from genray.images import to_float
 
-CACHE_FILE = "digits_classifier_v1.pt"  # bump the version when the architecture or the training recipe changes
+CACHE_FILE = "digits_classifier_v2.pt"  # bump the version when the architecture or the training recipe changes
 NUM_FEATURES = 128
-_SEED, _EPOCHS, _BATCH_SIZE, _LR = 0, 12, 64, 2e-3
+_SEED, _EPOCHS, _BATCH_SIZE, _MAX_LR = 0, 20, 64, 6e-3  # one-cycle schedule: ~99% test accuracy
 
 
 class DigitsClassifier(nn.Module):
-    """Two conv blocks and a 128-unit hidden layer; (B, 1, 28, 28) in [0, 1] -> 10 logits."""
+    """Two stride-2 convs and a 128-unit hidden layer; (B, 1, 28, 28) in [0, 1] -> 10 logits."""
 
     def __init__(self):
         super().__init__()
+        # Pre-activation hidden units are the FID features: after the ReLU many are exactly 0, which makes the
+        # feature covariance singular and the distance less informative.
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 14, 14)
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
-            nn.Flatten(), nn.Linear(32 * 7 * 7, NUM_FEATURES), nn.ReLU(),  # (B, 128): the FID features
+            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),  # (B, 32, 7, 7)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, NUM_FEATURES),  # (B, 128)
         )
-        self.head = nn.Linear(NUM_FEATURES, 10)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(NUM_FEATURES, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -55,24 +58,29 @@ def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_digits_classifier() -> DigitsClassifier:
-    """Train on the embedded digits' train split, seeded, on CPU, without touching the global RNG (~5-15 s)."""
-    x, y = _split("train")
+    """Train on the embedded digits' train split, seeded, on CPU, without touching the global RNG (~5 s CPU)."""
+    x, y = _split("train")  # (1437, 1, 28, 28), (1437,)
     threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
-        torch.set_num_threads(min(threads, 2))  # the same float sums on every machine with >= 2 cores
-        model = DigitsClassifier()
-        opt = torch.optim.Adam(model.parameters(), lr=_LR)
-        for _ in range(_EPOCHS):
-            order = torch.randperm(len(x))
-            for idx in order.split(_BATCH_SIZE):
-                # Random shifts of up to 2 pixels: the generated digits are not all perfectly centred.
-                dy, dx = (int(v) for v in torch.randint(-2, 3, (2,)))
-                batch = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))
-                loss = F.cross_entropy(model(batch), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+    # One thread: the same float sums on every machine, and small convs run fastest that way anyway.
+    torch.set_num_threads(1)
+    try:
+        # enable_grad: the first caller is often a no_grad feature extraction.
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(_SEED)
+            model = DigitsClassifier()
+            opt = torch.optim.Adam(model.parameters(), lr=_MAX_LR / 3)
+            steps_per_epoch = -(-len(x) // _BATCH_SIZE)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, _MAX_LR, total_steps=_EPOCHS * steps_per_epoch)
+            for _ in range(_EPOCHS):
+                for idx in torch.randperm(len(x)).split(_BATCH_SIZE):
+                    # Shifts of up to 1 pixel: generated digits are not all perfectly centred.
+                    dy, dx = (int(v) for v in torch.randint(-1, 2, (2,)))
+                    loss = F.cross_entropy(model(torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+    finally:
         torch.set_num_threads(threads)
     return model.eval()
 
@@ -90,7 +98,7 @@ def digits_classifier() -> nn.Module:
     if os.path.isfile(path):
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
+            return model.eval().requires_grad_(False)
         except (RuntimeError, OSError, EOFError, KeyError):
             pass  # a truncated or stale file: train again and overwrite it
     model = train_digits_classifier()
@@ -102,9 +110,7 @@ def digits_classifier() -> nn.Module:
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home still gets a working classifier, just not a cached one
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -116,7 +122,7 @@ def classifier_accuracy(images, labels) -> float:
 
 @torch.no_grad()
 def classifier_features(images) -> np.ndarray:
-    """uint8 (N, 28, 28, 1) images -> float64 (N, 128) penultimate-layer features."""
+    """uint8 (N, 28, 28, 1) images -> float64 (N, 128) penultimate-layer features (before its ReLU)."""
     model = digits_classifier()
     feats = [model.features(chunk) for chunk in _as_tensor(images).split(512)]
     return torch.cat(feats).double().numpy()
@@ -133,10 +139,12 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         raise ValueError(f"need two (N >= 2, D) feature sets of one D, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     sigma_a, sigma_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(sigma_a @ sigma_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma_a)) * eps
-        covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    with warnings.catch_warnings():  # "matrix is singular": handled below, as the reference code does
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma_a @ sigma_b)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(sigma_a)) * eps
+            covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean)

@@ -8,6 +8,7 @@ from genray.models import autoencoder
 from genray.models import denoiser, srgan
 from genray.models import style
 from genray.models import vae
+from genray.models import dcgan
 from genray.models.spec import ModelSpec, TrainState
 
 MODELS: dict[str, ModelSpec] = {}
@@ -34,5 +35,6 @@ register_model(style.STYLE_NET)
 register_model(vae.VAE_SPEC)
 register_model(autoencoder.DENSE_AE)
 register_model(autoencoder.SAE_CLASSIFIER)
+register_model(dcgan.DCGAN)
 
 __all__ = ["MODELS", "ModelSpec", "TrainState", "get_spec", "register_model"]

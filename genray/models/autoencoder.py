@@ -296,10 +296,10 @@ def _embedding_png(codes: np.ndarray, projected: np.ndarray, labels: list[int] |
     matplotlib.use("Agg")  # no display on workers or CI
     import matplotlib.pyplot as plt
 
-    colours = labels if labels is not None else None
+    colour = {"c": labels, "cmap": "tab10"} if labels is not None else {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), dpi=100)
     for ax, points, title in ((axes[0], codes, "autoencoder 2-d code"), (axes[1], projected, "PCA, 2 components")):
-        scatter = ax.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=8, alpha=0.8)
+        scatter = ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.8, **colour)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     if labels is not None:

@@ -66,14 +66,15 @@ class VGGFeatures(nn.Module):
 
     def __init__(self, layers: tuple[str, ...], state: dict | None):
         super().__init__()
-        from torchvision.models import vgg19
+        from torchvision.models.vgg import cfgs, make_layers
 
         unknown = [name for name in layers if name not in LAYERS]
         if unknown:
             raise ValueError(f"unknown VGG layers {unknown}; valid: {', '.join(LAYERS)}")
         self.layers = tuple(layers)
         last = max(LAYERS[name] for name in layers)
-        features = vgg19(weights=None).features
+        # vgg19().features without building the 120M-parameter classifier we would throw away (seconds on CPU).
+        features = make_layers(cfgs["E"], batch_norm=False)
         if state is not None:
             features.load_state_dict(state)
         self.features = features[: last + 1].eval().requires_grad_(False)
