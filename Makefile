@@ -1,5 +1,5 @@
 # The two commands of the README, plus the pieces they are made of.
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-slow bench
 
 setup:
 	@bash scripts/setup.sh
@@ -12,3 +12,6 @@ test: setup
 
 test-slow: setup
 	GENRAY_SLOW=1 .venv/bin/python -m pytest -q
+
+bench: setup
+	@for script in benchmarks/*.py; do echo "== $$script"; .venv/bin/python $$script || exit 1; done
