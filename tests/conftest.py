@@ -18,6 +18,12 @@ os.environ.update({
 })
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="genray-ray-"))
 
+import torch  # noqa: E402
+
+# Tests run tiny models: intra-op threads only add contention on a 2-core runner (up to 40x slower steps).
+# Ray workers are separate processes and set their own thread counts.
+torch.set_num_threads(1)
+
 from genray import storage  # noqa: E402
 from genray.s3server import LocalS3Server  # noqa: E402
 

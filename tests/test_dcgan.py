@@ -37,12 +37,6 @@ def _digits(split: str) -> tuple[list[np.ndarray], list[int]]:
     return [images[i] for i in chosen], [labels[i] for i in chosen]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs are fastest on one thread, and a busy runner has no second one
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("variant, shape", [("mnist28", (1, 28, 28)), ("cifar32", (3, 32, 32))])

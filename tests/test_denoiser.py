@@ -63,16 +63,11 @@ def test_training_on_one_photo_gains_psnr():
     torch.manual_seed(0)
     state = SPEC.init_training(cfg, 2e-3)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)  # 4 batches per epoch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only add contention
-    try:
-        for step in range(200):
-            if step % len(loader) == 0:
-                dataset.set_epoch(step // len(loader))  # fresh random patches
-                batches = iter(loader)
-            SPEC.train_step(state, next(batches))
-    finally:
-        torch.set_num_threads(threads)
+    for step in range(200):
+        if step % len(loader) == 0:
+            dataset.set_epoch(step // len(loader))  # fresh random patches
+            batches = iter(loader)
+        SPEC.train_step(state, next(batches))
     assert state.model.training  # evaluate must see eval mode from the caller, as the trainer gives it
     result = SPEC.evaluate(state.model.eval(), [im[:128, :128] for im in test], None, cfg)
     assert result["psnr_gain_db"] > 1.0, result

@@ -35,14 +35,9 @@ def _trained():
     cfg = SPEC.config_cls.tiny()
     batch = torch.from_numpy(to_float(np.stack([_shapes(28, 28, seed=i) for i in range(16)]), "sigmoid"))
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only add contention
-    try:
-        state = SPEC.init_training(cfg, 1e-2)
-        for _ in range(60):
-            SPEC.train_step(state, batch)
-    finally:
-        torch.set_num_threads(threads)
+    state = SPEC.init_training(cfg, 1e-2)
+    for _ in range(60):
+        SPEC.train_step(state, batch)
     return cfg, state.model.eval()
 
 

@@ -3,7 +3,6 @@
 A newly registered family is tested here without editing this file.
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -52,22 +51,10 @@ def _images(batch) -> torch.Tensor:
     return batch if torch.is_tensor(batch) else batch[0]
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny convs gain nothing from intra-op threads, and on a busy 2-core runner they make each step 40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train(spec, cfg, batch: torch.Tensor, steps: int, seed: int, lr: float = 5e-3):
     torch.manual_seed(seed)
-    with _one_thread():
-        state = spec.init_training(cfg, lr)
-        losses = [spec.train_step(state, batch) for _ in range(steps)]
+    state = spec.init_training(cfg, lr)
+    losses = [spec.train_step(state, batch) for _ in range(steps)]
     return state, losses
 
 

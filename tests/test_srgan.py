@@ -28,15 +28,10 @@ def _photos() -> list[np.ndarray]:
 
 def _train(cfg: SRGANConfig, batch, steps: int, epoch: int, lr: float = 5e-3):
     """(state, per-step losses) after `steps` updates at `epoch` (the loop's 1-based epoch; it picks the phase)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only add contention
-    try:
-        torch.manual_seed(0)
-        state = SPEC.init_training(cfg, lr)
-        state.epoch = epoch
-        return state, [SPEC.train_step(state, batch) for _ in range(steps)]
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    state = SPEC.init_training(cfg, lr)
+    state.epoch = epoch
+    return state, [SPEC.train_step(state, batch) for _ in range(steps)]
 
 
 def _cfg(**changes) -> SRGANConfig:

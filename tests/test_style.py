@@ -1,6 +1,5 @@
 """genray.models.style: the Johnson style network, its losses and VGG loading, and Gatys optimisation. No Ray."""
 
-import contextlib
 import io
 
 import numpy as np
@@ -20,17 +19,6 @@ from genray.models.vgg import VGGWeightsError
 SPEC = get_spec("style_net")
 
 pytestmark = pytest.mark.filterwarnings("ignore:USING UNTRAINED VGG19")
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny convs gain nothing from intra-op threads, and on a busy 2-core runner they slow each step down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _photo(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -158,9 +146,8 @@ def test_train_steps_lower_style_loss():
     batch = _content_batch(cfg)
     assert batch.shape == (4, 3, cfg.image_size, cfg.image_size)
     torch.manual_seed(0)
-    with _one_thread():
-        state = SPEC.init_training(cfg, 1e-2)
-        losses = [SPEC.train_step(state, batch) for _ in range(20)]
+    state = SPEC.init_training(cfg, 1e-2)
+    losses = [SPEC.train_step(state, batch) for _ in range(20)]
     assert set(losses[0]) == {"loss", "content_loss", "style_loss", "tv_loss"}
     first, last = np.mean([s["style_loss"] for s in losses[:3]]), np.mean([s["style_loss"] for s in losses[-3:]])
     assert last < 0.9 * first, f"style loss {first:.4f} -> {last:.4f}"
@@ -178,9 +165,8 @@ def test_gatys_transfer_lowers_its_loss():
     vgg, _ = style.load_vgg(SPEC.config_cls.tiny(), layers=style.GATYS_LAYERS)
     content, style_image = _photo(32, 32), style.builtin_style("stripes", 48)
     reports = []
-    with _one_thread():
-        out = style.gatys_transfer(content, style_image, vgg, iterations=20,
-                                   progress=lambda i, loss: reports.append((i, loss)))
+    out = style.gatys_transfer(content, style_image, vgg, iterations=20,
+                               progress=lambda i, loss: reports.append((i, loss)))
     assert out.shape == content.shape and out.dtype == np.uint8
     assert [i for i, _ in reports] == list(range(1, 21))
     losses = [loss for _, loss in reports]
