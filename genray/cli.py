@@ -55,7 +55,8 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
     flags = {"task": args.task, "input_uri": args.input, "output_uri": args.output, "model_uri": args.model,
              "style_image_uri": args.style_image, "tile": args.tile, "batch_size": args.batch_size,
-             "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None}
+             "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
+             "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights}
     data.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     return validate(ProcessConfig, data, args.config or "command line")
 
@@ -131,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("task", choices=("denoise", "superres", "style"))
     pr.add_argument("--input", help="input prefix URI")
     pr.add_argument("--output", help="output prefix URI")
-    pr.add_argument("--model", help="model artefact URI")
-    pr.add_argument("--style-image", help="style image URI (style jobs without a style model)")
+    pr.add_argument("--model", help="model artefact URI (genray train's <output>/model)")
+    pr.add_argument("--style-image", help="style jobs without a style model: Gatys optimisation towards this image")
     pr.add_argument("--config", help="configs/process/*.yaml; flags override it")
-    pr.add_argument("--tile", type=int)
-    pr.add_argument("--batch-size", type=int)
-    pr.add_argument("--concurrency", type=int)
-    pr.add_argument("--max-pixels", type=int)
+    pr.add_argument("--tile", type=int, help="images larger than this go through the model in overlapping tiles")
+    pr.add_argument("--batch-size", type=int, help="images per model call")
+    pr.add_argument("--concurrency", type=int, help="model actors")
+    pr.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels than this")
+    pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
+    pr.add_argument("--vgg-weights", help="Gatys: local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth")
     pr.add_argument("--dry-run", action="store_true", help="list what would be processed")
     pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     pr.set_defaults(func=cmd_process)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -154,12 +154,16 @@ TaskName = Literal["denoise", "superres", "style"]
 
 
 class ProcessConfig(Strict):
-    """One bulk job (`genray process`): every image under input_uri through the model, results under output_uri."""
+    """One bulk job (`genray process`): every image under input_uri through the model, results under output_uri.
+
+    Style jobs take either a fast style network artefact (model_uri) or a style image (style_image_uri), which
+    runs Gatys optimisation per image: slow, and `gatys_iterations` sets how slow.
+    """
 
     task: TaskName
     input_uri: str
     output_uri: str
-    model_uri: str
+    model_uri: str | None = None
     style_image_uri: str | None = None
     tile: int = Field(default=512, ge=32)  # images larger than this are processed in overlapping tiles
     tile_overlap: int = Field(default=16, ge=0)
@@ -168,6 +172,24 @@ class ProcessConfig(Strict):
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap, checked from the header
     dry_run: bool = False
+    # Gatys optimisation (style jobs with style_image_uri): iterations per image and the VGG19 weight lookup.
+    gatys_iterations: int = Field(default=300, gt=0)
+    gatys_max_side: int = Field(default=512, ge=16)  # larger images are optimised at this size, then upscaled
+    vgg_weights: str | None = None  # local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth
+    vgg_download: bool = True
+    allow_untrained_vgg: bool = False  # smoke tests only: random VGG features make meaningless styles
+
+    @model_validator(mode="after")
+    def _model_or_style_image(self) -> "ProcessConfig":
+        if self.task != "style" and self.style_image_uri:
+            raise ValueError(f"style_image_uri is only for style jobs, not {self.task}")
+        if self.task == "style" and self.model_uri and self.style_image_uri:
+            raise ValueError("give either model_uri (a fast style network) or style_image_uri (Gatys "
+                             "optimisation), not both")
+        if not self.model_uri and not (self.task == "style" and self.style_image_uri):
+            need = "model_uri or style_image_uri" if self.task == "style" else "model_uri"
+            raise ValueError(f"a {self.task} job needs {need}")
+        return self
 
 
 class ModelServeConfig(Strict):

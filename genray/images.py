@@ -30,6 +30,10 @@ class ImageTooLargeError(ImageError):
         self.width, self.height, self.max_pixels = width, height, max_pixels
 
 
+# The formats bulk jobs promise to read (genray.datasets.IMAGE_SUFFIXES), by Pillow's plugin names.
+PROMISED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+
+
 def _open(data: bytes) -> Image.Image:
     """Image.open on bytes: parses the header only; pixels are decoded later by .load()."""
     if not data:
@@ -37,14 +41,44 @@ def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        # Pillow refuses to even open headers above 2 * Image.MAX_IMAGE_PIXELS; keep its pixel count.
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise ImageTooLargeError(f"image too large: {pixels}") from None
+        # Pillow's global cap (2 * Image.MAX_IMAGE_PIXELS, ~179 M) fires inside Image.open, before our max_pixels
+        # check can: parse the header again without it, so max_pixels alone decides and the error names the size.
+        return _open_without_pillow_cap(data, e)
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
+        # Image.open only says that no plugin took the bytes. If they start like a format we promise, the file is
+        # a damaged one of that format (typically cut short inside its header), not "not an image".
+        name = _signature_format(data)
+        raise ImageError(f"truncated or corrupt {name} file (unreadable header)" if name
+                         else "not an image (unrecognised format)") from None
     except Exception as e:  # any parser failure on a header means the bytes are not a usable image
         raise ImageError(_reason(e)) from None
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The promised format whose signature `data` starts with, by Pillow's own check; None if none matches."""
+    Image.init()  # registers every plugin, as Image.open does
+    for name in PROMISED_FORMATS:
+        accept = Image.OPEN.get(name, (None, None))[1]
+        try:
+            if accept is not None and accept(data[:16]) is True:  # a str is Pillow's "plugin not installed"
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's check choking on odd bytes is just "no match"
+            continue
+    return None
+
+
+def _open_without_pillow_cap(data: bytes, bomb: Image.DecompressionBombError) -> Image.Image:
+    """The header parsed by its format's plugin directly, skipping Image.open's decompression-bomb check.
+    Safe because every caller checks max_pixels before any pixel is decoded."""
+    name = _signature_format(data)
+    if name is not None:
+        try:
+            return Image.OPEN[name][0](io.BytesIO(data), "")
+        except Exception:  # noqa: BLE001 - fall back to what Pillow told us
+            pass
+    found = re.search(r"\((\d+) pixels\)", str(bomb))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    raise ImageTooLargeError(f"image too large: {pixels}") from None
 
 
 def _reason(e: Exception) -> str:

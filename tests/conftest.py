@@ -171,3 +171,32 @@ def photos_uri(s3_server) -> str:
     storage.ensure_bucket(uri)
     export_dataset("photos", uri)
     return uri
+
+
+def save_untrained_artifact(uri: str, family: str, seed: int = 0, **options) -> str:
+    """A model artefact of the family's tiny config with seeded random weights (bulk-job plumbing does not
+    depend on what the weights learned). Returns the URI."""
+    import torch
+
+    from genray.artifacts import save_artifact
+    from genray.models import get_spec
+
+    spec = get_spec(family)
+    cfg = spec.config_cls.tiny().model_copy(update=options)
+    torch.manual_seed(seed)
+    save_artifact(uri, spec, cfg, spec.build(cfg).eval(), {})
+    return uri
+
+
+@pytest.fixture(scope="session")
+def sr_model_uri(s3_server) -> str:
+    """An untrained tiny x4 SRResNet artefact in S3."""
+    storage.ensure_bucket("s3://genray-test-models")
+    return save_untrained_artifact("s3://genray-test-models/srgan-tiny", "srgan")
+
+
+@pytest.fixture(scope="session")
+def style_model_uri(s3_server) -> str:
+    """An untrained tiny fast style network artefact in S3."""
+    storage.ensure_bucket("s3://genray-test-models")
+    return save_untrained_artifact("s3://genray-test-models/style-tiny", "style_net")

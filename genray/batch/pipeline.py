@@ -6,6 +6,7 @@ A bad input becomes an `error` row; it never stops the job.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from genray.images import ImageError, decode_image, encode_png
 
 FLUSH_ROWS = 500  # manifest part size ...
 FLUSH_SECONDS = 30.0  # ... or age, whichever comes first: bounds what a crash can lose
+PROGRESS_SECONDS = 10.0  # a progress line at most this often
 
 
 class JobError(RuntimeError):
@@ -61,6 +63,15 @@ def output_key_for(input_key: str, taken: set[str]) -> str:
 
 
 def check_model(cfg: ProcessConfig) -> dict[str, Any]:
+    """The model's model.json (or, for a Gatys style job, its recipe), checked against the task before any work."""
+    if cfg.model_uri is None:  # style job with a style image: Gatys optimisation, no artefact
+        from genray.batch.gatys import GatysStylizer, StyleImageError
+        from genray.models.vgg import VGGWeightsError
+
+        try:
+            return {"task": "style", "family": "gatys", "digest": GatysStylizer(cfg, log=lambda _: None).digest}
+        except (StyleImageError, VGGWeightsError) as err:
+            raise JobError(str(err)) from None
     try:
         meta = read_meta(cfg.model_uri)
     except ArtifactError as err:
@@ -115,10 +126,15 @@ class ProcessImages:
 
         torch.set_num_threads(num_threads)
         self.cfg = ProcessConfig.model_validate(cfg)
-        self.predictor = Predictor.from_uri(self.cfg.model_uri, tile=self.cfg.tile,
-                                            tile_overlap=self.cfg.tile_overlap, batch_size=self.cfg.batch_size)
-        if self.predictor.digest != digest:  # the artefact was replaced after the job was planned
-            raise JobError(f"{self.cfg.model_uri}: model changed while the job was starting")
+        if self.cfg.model_uri is None:  # style job with a style image: Gatys optimisation per image
+            from genray.batch.gatys import GatysStylizer
+
+            self.predictor = GatysStylizer(self.cfg)
+        else:
+            self.predictor = Predictor.from_uri(self.cfg.model_uri, tile=self.cfg.tile,
+                                                tile_overlap=self.cfg.tile_overlap, batch_size=self.cfg.batch_size)
+        if self.predictor.digest != digest:  # the artefact (or style image) was replaced after the job was planned
+            raise JobError(f"{self.cfg.model_uri or self.cfg.style_image_uri}: changed while the job was starting")
         self.digest = digest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -133,7 +149,7 @@ class ProcessImages:
                 good.append((row, image))
             except (ImageError, storage.StorageError) as err:
                 results.append(self._row(row, "error", str(err)))
-        outputs = self._predict([image for _, image in good])  # [2] one batched forward for the whole batch
+        outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])  # [2]
         for (row, image), out in zip(good, outputs):  # [3] encode + write under the same relative key
             h, w = image.shape[:2]
             if isinstance(out, Exception):
@@ -149,9 +165,12 @@ class ProcessImages:
             r["seconds"] = per_image
         return {c: [r[c] for r in results] for c in manifest.COLUMNS}
 
-    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    def _predict(self, images: list[np.ndarray], names: list[str]) -> list[np.ndarray | Exception]:
+        """One batched call for the whole batch (the Predictor batches tiles of all images together)."""
+        # Gatys takes the names too, for its per-image progress lines.
+        run = functools.partial(self.predictor, names=names) if self.cfg.model_uri is None else self.predictor
         try:
-            return self.predictor(images)
+            return run(images)
         except Exception:
             # Find the image that breaks the batch instead of failing all of them.
             outs: list[np.ndarray | Exception] = []
@@ -174,7 +193,9 @@ def actor_cpus(cfg: ProcessConfig) -> float:
     return max(0.25, min(cfg.cpus_per_actor, (total - 0.5) / cfg.concurrency))
 
 
-def run_process_job(cfg: ProcessConfig, log=print) -> JobSummary:
+def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSummary:
+    """Run the job; `udf` swaps the actor class (tests inject faults through a subclass of ProcessImages)."""
+    udf = udf or ProcessImages
     meta = check_model(cfg)
     digest = meta["digest"]
     summary = JobSummary(run_id=manifest.new_run_id())
@@ -199,26 +220,65 @@ def run_process_job(cfg: ProcessConfig, log=print) -> JobSummary:
         cpus = actor_cpus(cfg)
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 64)))
         ds = ds.map_batches(
-            ProcessImages,
+            udf,
             fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
                                    "num_threads": max(1, int(cpus))},
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=cpus,
         )
-        for row in ds.iter_rows():
-            row = {c: _plain(row[c]) for c in manifest.COLUMNS}
-            pending.append(row)
-            summary.counts[row["status"]] += 1
-            if row["status"] == "error" and len(summary.errors) < 10:
-                summary.errors.append((row["input_key"], row["error"]))
-            if len(pending) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
-                manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
-                part, pending, last_flush = part + 1, [], time.monotonic()
+        progress = Progress(len(todo), log)
+        try:
+            for row in ds.iter_rows():
+                row = {c: _plain(row[c]) for c in manifest.COLUMNS}
+                pending.append(row)
+                summary.counts[row["status"]] += 1
+                progress.update(row["status"])
+                if row["status"] == "error" and len(summary.errors) < 10:
+                    summary.errors.append((row["input_key"], row["error"]))
+                if len(pending) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
+                    manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
+                    part, pending, last_flush = part + 1, [], time.monotonic()
+        except Exception as err:
+            # Keep what finished: rerunning the same command then redoes only the rest.
+            manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
+            manifest.compact(cfg.output_uri, summary.run_id)
+            raise JobError(f"the job failed after {sum(progress.counts.values())} of {len(todo)} images "
+                           f"(rerun the same command to resume): {_root_cause(err)}") from err
     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
     summary.seconds = time.perf_counter() - started
     summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id)
     return summary
+
+
+class Progress:
+    """One line every PROGRESS_SECONDS (and at the end): done/total, ok/error, images/s and time left.
+    Plain lines rather than a redrawn bar, because bulk jobs mostly run with their output going to a log."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, log=print):
+        self.total, self.log, self.counts = total, log, Counter(ok=0, error=0)
+        self.started = self.last = time.monotonic()
+
+    def update(self, status: str) -> None:
+        self.counts[status] += 1
+        done, now = sum(self.counts.values()), time.monotonic()
+        if now - self.last < PROGRESS_SECONDS and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        bar = "#" * round(self.WIDTH * done / max(self.total, 1))
+        self.log(f"[genray] [{bar:<{self.WIDTH}}] {done}/{self.total} ok={self.counts['ok']} "
+                 f"error={self.counts['error']} {rate:.2f} images/s, {(self.total - done) / rate:.0f}s left")
+
+
+def _root_cause(err: BaseException) -> str:
+    """The last line of the innermost error: Ray wraps a worker's exception in pages of traceback."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(err).__name__
 
 
 def _plain(value: Any) -> Any:

@@ -228,7 +228,7 @@ def builtin_style(name: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.rint(image).astype(np.uint8))
 
 
-def _resize_longer_side(image: np.ndarray, side: int) -> np.ndarray:
+def resize_longer_side(image: np.ndarray, side: int) -> np.ndarray:
     h, w = image.shape[:2]
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -242,7 +242,7 @@ def read_style_image(uri: str, size: int) -> np.ndarray:
     """The style image (uint8 HWC RGB) with its longer side resized to `size`; `builtin:<name>` makes one."""
     if uri.startswith(BUILTIN_PREFIX):
         return builtin_style(uri.removeprefix(BUILTIN_PREFIX), size)
-    return _resize_longer_side(decode_image(storage.read_bytes(uri), channels=3), size)
+    return resize_longer_side(decode_image(storage.read_bytes(uri), channels=3), size)
 
 
 @functools.lru_cache(maxsize=2)
@@ -334,7 +334,7 @@ def _eval_image(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     if max(image.shape[:2]) > EVAL_MAX_SIDE:
-        image = _resize_longer_side(image, EVAL_MAX_SIDE)
+        image = resize_longer_side(image, EVAL_MAX_SIDE)
     image = _fit_crop_size(image, MIN_SIDE)
     h, w = image.shape[:2]
     y, x = (h % 4) // 2, (w % 4) // 2
@@ -382,7 +382,7 @@ def gatys_transfer(content: np.ndarray, style: np.ndarray, vgg: VGGFeatures, ite
     if min(content.shape[:2]) < 16:
         raise ValueError(f"content image {content.shape[1]}x{content.shape[0]} is too small (VGG pools 4 times)")
     rgb = lambda im: np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im  # noqa: E731
-    style = _resize_longer_side(rgb(style), max(content.shape[:2]))
+    style = resize_longer_side(rgb(style), max(content.shape[:2]))
     device = vgg.mean.device
     target = torch.from_numpy(to_float(rgb(content)[None], "sigmoid")).to(device)  # (1, 3, H, W)
     with torch.no_grad():
