@@ -117,3 +117,51 @@ def test_serve_command_answers_http_and_stops_on_sigterm(tiny_model, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_process_flags_that_conflict_are_one_clear_line(s3_bucket):
+    r = genray("process", "style", "--input", f"{s3_bucket}/in", "--output", f"{s3_bucket}/out",
+               "--model", f"{s3_bucket}/m", "--style-image", f"{s3_bucket}/s.png")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not both" in r.stderr
+    r = genray("process", "superres", "--input", f"{s3_bucket}/in", "--output", f"{s3_bucket}/out")
+    assert r.returncode == 2 and "needs model_uri" in r.stderr
+
+
+def test_killed_driver_is_recovered_by_rerunning_the_command(sr_model_uri, s3_bucket, tmp_path):
+    """SIGKILL the whole `genray process` (driver and the local Ray it started) mid-job; the same command again
+    finishes the job: every input once in the manifest, every output present, a third run skips everything."""
+    keys = [f"img{i:02d}.png" for i in range(24)]
+    rng = np.random.default_rng(0)
+    for key in keys:
+        storage.write_bytes(f"{s3_bucket}/in/{key}", encode_png(rng.integers(0, 255, (16, 16, 3), np.uint8)))
+    args = ["process", "superres", "--input", f"{s3_bucket}/in", "--output", f"{s3_bucket}/out",
+            "--model", sr_model_uri, "--batch-size", "1"]
+    proc = subprocess.Popen([GENRAY, *args], stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    outputs = lambda: [o.key for o in storage.list_objects(f"{s3_bucket}/out") if o.key.endswith(".png")]  # noqa: E731
+    deadline = time.monotonic() + 240
+    while len(outputs()) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(outputs()) < len(keys), (tmp_path / "first.log").read_text()[-2000:]
+
+    r = genray(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[genray] [" in r.stdout  # the progress line
+    assert sorted(outputs()) == keys
+    from test_batch import read_manifest_table
+
+    assert sorted(row["input_key"] for row in read_manifest_table(f"{s3_bucket}/out").to_pylist()) == keys
+    again = genray(*args)
+    assert again.returncode == 0 and "skipped       24" in again.stdout, again.stdout
+
+
+def test_jobs_process_entry_point_runs_the_same_job(sr_model_uri, s3_bucket):
+    """jobs/process.py (what `ray job submit` runs) is `genray process` with the same flags: a dry run here."""
+    storage.write_bytes(f"{s3_bucket}/in/a.png", encode_png(np.zeros((8, 8, 3), np.uint8)))
+    r = subprocess.run([sys.executable, "jobs/process.py", "superres", "--input", f"{s3_bucket}/in",
+                        "--output", f"{s3_bucket}/out", "--model", sr_model_uri, "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "would process a.png -> a.png" in r.stdout
