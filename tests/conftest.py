@@ -17,6 +17,8 @@ os.environ.update({
     "RAY_DEDUP_LOGS": "0",
 })
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="genray-ray-"))
+# Ray's per-node agent must register within 15 s by default; on a loaded 2-core runner it has taken 22 s.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "60000")
 
 import torch  # noqa: E402
 
