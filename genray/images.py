@@ -269,35 +269,49 @@ def _hwc(tile: np.ndarray) -> np.ndarray:
     return tile[:, :, None] if tile.ndim == 2 else tile
 
 
-def stitch_tiles(tiles: list[np.ndarray], positions, out_height: int, out_width: int, scale: int,
-                 overlap: int) -> np.ndarray:
-    """Blend model outputs of split_tiles back into one float32 (out_height, out_width, C) image.
+class TileCanvas:
+    """Blends model outputs of split_tiles into one float32 (out_height, out_width, C) image, one tile at a time,
+    so a caller can drop each tile's output as soon as it is added (memory: the canvas plus one batch of tiles).
 
-    tiles are float (h * scale, w * scale, C); positions are the input-space corners from split_tiles. Overlaps
-    are feathered, so there is no seam. Exact for pointwise models; for a conv model of receptive-field radius r
-    (in output pixels) the result equals the whole-image output when r <= overlap * scale // 4.
+    Tiles are float (h * scale, w * scale, C) at the input-space corners from split_tiles. Overlaps are feathered,
+    so there is no seam. Exact for pointwise models; for a conv model of receptive-field radius r (in output
+    pixels) the result equals the whole-image output when r <= overlap * scale // 4.
     """
-    if len(tiles) != len(positions) or not tiles:
-        raise ValueError(f"need one position per tile, got {len(tiles)} tiles and {len(positions)} positions")
-    tiles = [_hwc(tile) for tile in tiles]
-    # float32 accumulators: the output of a x4 model on a large photo is already hundreds of MB.
-    total = np.zeros((out_height, out_width, tiles[0].shape[2]), dtype=np.float32)
-    weight_sum = np.zeros((out_height, out_width, 1), dtype=np.float32)
-    ramp = overlap * scale
-    for tile, (y, x) in zip(tiles, positions):
+
+    def __init__(self, out_height: int, out_width: int, channels: int, scale: int, overlap: int):
+        self.height, self.width, self.scale, self.ramp = out_height, out_width, scale, overlap * scale
+        # float32 accumulators: the output of a x4 model on a large photo is already hundreds of MB.
+        self.total = np.zeros((out_height, out_width, channels), dtype=np.float32)
+        self.weight_sum = np.zeros((out_height, out_width, 1), dtype=np.float32)
+
+    def add(self, tile: np.ndarray, position: tuple[int, int]) -> None:
+        tile = _hwc(tile)
         th, tw = tile.shape[:2]
-        y0, x0 = y * scale, x * scale
-        if y0 + th > out_height or x0 + tw > out_width:
-            raise ValueError(f"tile at {(y, x)} of {th}x{tw} (scale {scale}) falls outside "
-                             f"{out_height}x{out_width}")
-        wy = _edge_weights(th, ramp, fade_in=y0 > 0, fade_out=y0 + th < out_height)
-        wx = _edge_weights(tw, ramp, fade_in=x0 > 0, fade_out=x0 + tw < out_width)
+        y0, x0 = position[0] * self.scale, position[1] * self.scale
+        if y0 + th > self.height or x0 + tw > self.width:
+            raise ValueError(f"tile at {position} of {th}x{tw} (scale {self.scale}) falls outside "
+                             f"{self.height}x{self.width}")
+        wy = _edge_weights(th, self.ramp, fade_in=y0 > 0, fade_out=y0 + th < self.height)
+        wx = _edge_weights(tw, self.ramp, fade_in=x0 > 0, fade_out=x0 + tw < self.width)
         # Weights in multiples of 1/256 keep every product and sum exact in float32 for 8-bit-valued pixels,
         # so a pointwise model stitches back bit-exactly; the ramp is still smooth to 0.4 %.
         weight = (np.round(np.outer(wy, wx) * 256.0) / 256.0).astype(np.float32)[:, :, None]  # (h, w, 1)
-        total[y0:y0 + th, x0:x0 + tw] += tile * weight
-        weight_sum[y0:y0 + th, x0:x0 + tw] += weight
-    if not np.all(weight_sum > 0):
-        raise ValueError("tiles do not cover the output image")
-    total /= weight_sum
-    return total
+        self.total[y0:y0 + th, x0:x0 + tw] += tile * weight
+        self.weight_sum[y0:y0 + th, x0:x0 + tw] += weight
+
+    def result(self) -> np.ndarray:
+        if not np.all(self.weight_sum > 0):
+            raise ValueError("tiles do not cover the output image")
+        self.total /= self.weight_sum
+        return self.total
+
+
+def stitch_tiles(tiles: list[np.ndarray], positions, out_height: int, out_width: int, scale: int,
+                 overlap: int) -> np.ndarray:
+    """All tiles at once through a TileCanvas (see there)."""
+    if len(tiles) != len(positions) or not tiles:
+        raise ValueError(f"need one position per tile, got {len(tiles)} tiles and {len(positions)} positions")
+    canvas = TileCanvas(out_height, out_width, _hwc(tiles[0]).shape[2], scale, overlap)
+    for tile, position in zip(tiles, positions):
+        canvas.add(tile, position)
+    return canvas.result()

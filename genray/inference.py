@@ -14,22 +14,55 @@ import numpy as np
 import torch
 
 from genray.artifacts import load_artifact
-from genray.images import split_tiles, stitch_tiles, to_float, to_uint8
+from genray.images import TileCanvas, split_tiles, to_float, to_uint8
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _Plane:
+    """The model's output for one image (or one channel plane of it), filled in as its tiles come back.
+
+    A single-tile plane keeps its one output. A tiled plane blends each tile into a TileCanvas as soon as the
+    tile's batch is done, so only the canvas and one batch of tile outputs are ever held; the finished plane is
+    cropped and converted to uint8 at once, so float canvases do not pile up across the images of a call.
+    """
+
+    def __init__(self, height: int, width: int, padded: tuple[int, int], num_tiles: int, scale: int,
+                 overlap: int, to_grey: bool, value_range: str):
+        self.height, self.width, self.padded, self.remaining = height, width, padded, num_tiles
+        self.scale, self.overlap, self.to_grey, self.value_range = scale, overlap, to_grey, value_range
+        self.canvas: TileCanvas | None = None
+        self.pixels: np.ndarray | None = None  # uint8 (height * scale, width * scale, C) once every tile is in
+
+    def add(self, output: np.ndarray, position: tuple[int, int]) -> None:
+        """output: float32 (h * scale, w * scale, C_model) in the model's value range."""
+        self.remaining -= 1
+        if self.remaining == 0 and self.canvas is None:  # the whole plane in one piece
+            return self._finish(output)
+        if self.canvas is None:
+            ph, pw = self.padded
+            self.canvas = TileCanvas(ph * self.scale, pw * self.scale, output.shape[2], self.scale, self.overlap)
+        self.canvas.add(output, position)
+        if self.remaining == 0:
+            self._finish(self.canvas.result())
+            self.canvas = None
+
+    def _finish(self, result: np.ndarray) -> None:
+        result = result[: self.height * self.scale, : self.width * self.scale]  # drop the padded border
+        if self.to_grey:  # an RGB model on a grey image: back to one channel, averaged before rounding
+            result = result.mean(axis=2, keepdims=True)
+        self.pixels = to_uint8(result.transpose(2, 0, 1)[None], self.value_range)[0]
+
+
 @dataclass
 class _Piece:
-    """One model input: a tile (or a whole plane) of one image, with where its output goes."""
+    """One model input: a tile (or a whole plane) of one image, with the plane its output belongs to."""
 
-    image: int  # index of the source image in the call
-    plane: int  # channel-plane index when a 1-channel model runs on an RGB image, else 0
+    plane: _Plane
     position: tuple[int, int]  # tile corner (y, x) in input pixels
     pixels: np.ndarray  # uint8 (h, w, C_model)
-    output: np.ndarray | None = None  # float32 (h*scale, w*scale, C_model) in the model's value range
 
 
 class Predictor:
@@ -85,15 +118,23 @@ class Predictor:
         return self.spec.scale
 
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        planes_per_image: list[list[_Plane]] = []
         pieces: list[_Piece] = []
-        for index, image in enumerate(images):
-            for plane, pixels in enumerate(self._planes(image)):
+        for image in images:
+            planes = []
+            for pixels in self._planes(image):
+                h, w = pixels.shape[:2]
                 # Pad the plane (as the whole-image pass would) so every tile corner is a multiple of size_multiple.
-                pixels = _pad_to(pixels, *self._padded_size(pixels))
-                tiles, positions = split_tiles(pixels, self.tile, self.tile_overlap)
-                pieces += [_Piece(index, plane, pos, t) for t, pos in zip(tiles, positions)]
+                padded = self._padded_size(pixels)
+                tiles, positions = split_tiles(_pad_to(pixels, *padded), self.tile, self.tile_overlap)
+                plane = _Plane(h, w, padded, len(tiles), self.scale, self.tile_overlap,
+                               to_grey=image.shape[2] == 1 and self.channels == 3, value_range=self.spec.value_range)
+                planes.append(plane)
+                pieces += [_Piece(plane, pos, t) for t, pos in zip(tiles, positions)]
+            planes_per_image.append(planes)
         self._run(pieces)
-        return [self._assemble(i, image, pieces) for i, image in enumerate(images)]
+        return [np.concatenate([p.pixels for p in planes], axis=2) if len(planes) > 1 else planes[0].pixels
+                for planes in planes_per_image]
 
     # -- steps of __call__ ---------------------------------------------------------------------------------
 
@@ -109,7 +150,8 @@ class Predictor:
         return [np.repeat(image, self.channels, axis=2)]  # grey image into an RGB model
 
     def _run(self, pieces: list[_Piece]) -> None:
-        """Forward every piece, batching pieces of equal (padded) size together."""
+        """Forward every piece, batching pieces of equal (padded) size together, in image order, so each image's
+        tiles finish close together and its canvas is freed before the next image's grows."""
         groups: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
         for piece in pieces:
             groups[self._padded_size(piece.pixels)].append(piece)
@@ -122,7 +164,7 @@ class Predictor:
                 s = self.scale
                 for piece, y in zip(chunk, out):
                     h, w = piece.pixels.shape[:2]
-                    piece.output = np.ascontiguousarray(y[:, : h * s, : w * s].transpose(1, 2, 0))
+                    piece.plane.add(np.ascontiguousarray(y[:, : h * s, : w * s].transpose(1, 2, 0)), piece.position)
 
     def _padded_size(self, pixels: np.ndarray) -> tuple[int, int]:
         m = self.spec.size_multiple
@@ -136,25 +178,6 @@ class Predictor:
         with ctx:
             y = self.model(x)
         return y.float().cpu().numpy()
-
-    def _assemble(self, index: int, image: np.ndarray, pieces: list[_Piece]) -> np.ndarray:
-        h, w, c = image.shape
-        ph, pw = self._padded_size(image)
-        s = self.scale
-        planes = []
-        for plane in range(c if self.channels == 1 and c != 1 else 1):
-            mine = [p for p in pieces if p.image == index and p.plane == plane]
-            if len(mine) == 1:
-                out = mine[0].output
-            else:
-                out = stitch_tiles([p.output for p in mine], [p.position for p in mine], ph * s, pw * s, s,
-                                   self.tile_overlap)
-            planes.append(out[: h * s, : w * s])  # drop the padded border
-        result = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0]  # (h*s, w*s, C) float
-        pixels = to_uint8(result.transpose(2, 0, 1)[None], self.spec.value_range)[0]
-        if pixels.shape[2] != c:  # RGB model on a grey image: back to one channel
-            pixels = np.round(pixels.mean(axis=2, keepdims=True)).astype(np.uint8)
-        return pixels
 
 
 def _pad_to(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
