@@ -68,6 +68,17 @@ def test_superres_job_is_x4_and_tiling_matches_untiled(ray_local, sr_model_uri, 
     assert (rows["sub/b.png"]["width"], rows["sub/b.png"]["height"]) == (90, 70)  # the input's size
 
 
+def test_photo_denoiser_job_takes_any_size_through_tiles(ray_local, s3_bucket):
+    model = save_untrained_artifact(f"{s3_bucket}/denoiser", "photo_denoiser")
+    images = {"wide.png": _photo(50, 130, seed=9), "grey.png": _photo(61, 47, channels=1, seed=10)}
+    _upload(f"{s3_bucket}/in", images)
+    cfg = ProcessConfig(task="denoise", input_uri=f"{s3_bucket}/in", output_uri=f"{s3_bucket}/out",
+                        model_uri=model, tile=40, tile_overlap=8)
+    assert run_process_job(cfg).counts == {"ok": 2, "skipped": 0, "error": 0}
+    for key, out in _outputs(cfg.output_uri, images).items():
+        assert out.shape == images[key].shape
+
+
 def test_rerun_skips_and_a_changed_model_redoes_everything(ray_local, s3_bucket):
     model = save_untrained_artifact(f"{s3_bucket}/model", "srgan", seed=0)
     _upload(f"{s3_bucket}/in", {f"img{i}.png": _photo(16, 20, seed=i) for i in range(4)})
