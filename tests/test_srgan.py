@@ -191,3 +191,13 @@ def test_mean_ssim_is_mean_of_per_image():
     expected = np.mean([structural_similarity(r, t, data_range=255, channel_axis=-1) for r, t in pairs])
     assert metrics.mean_ssim([p[0] for p in pairs], [p[1] for p in pairs], 255, channel_axis=-1) == pytest.approx(
         expected, abs=1e-3)
+
+
+def test_bicubic_skip_starts_at_bicubic_and_trains_the_residual():
+    cfg = _cfg(bicubic_skip=True, pretrain_epochs=1)
+    lr = torch.rand(2, 3, 6, 7) * 1.6 - 0.8
+    expected = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
+    with torch.no_grad():
+        assert torch.equal(SPEC.build(cfg).eval()(lr), expected)  # untrained: exactly bicubic
+    _, losses = _train(cfg, _batch(cfg), steps=25, epoch=1, lr=1e-3)
+    assert np.mean([x["mse"] for x in losses[-5:]]) < np.mean([x["mse"] for x in losses[:5]])

@@ -35,6 +35,9 @@ class SRGANConfig(BaseModel):
     disc_features: int = Field(default=64, gt=0)
     disc_dense: int = Field(default=1024, gt=0)
     # Data: random HR crops (paper 96x96); the LR input is their bicubic x4 downscale.
+    # Predict only the difference to a bicubic x4 upscale (VDSR's global residual): the untrained network starts
+    # at bicubic quality, so short CPU runs beat bicubic; the paper's SRResNet predicts the whole image (False).
+    bicubic_skip: bool = False
     hr_crop: int = Field(default=96, ge=8)
     crops_per_image: int = Field(default=16, gt=0)
     # Phases: epochs 1..pretrain_epochs train SRResNet on pixel MSE; later epochs are adversarial.
@@ -103,11 +106,19 @@ class SRResNet(nn.Module):
         self.body_tail = nn.Sequential(nn.Conv2d(f, f, 3, padding=1), nn.BatchNorm2d(f))
         self.upsample = nn.Sequential(SubPixelUpsample(f), SubPixelUpsample(f))  # (B, F, 4h, 4w)
         self.tail = nn.Conv2d(f, channels, 9, padding=4)  # (B, 3, 4h, 4w); tanh in forward
+        self.bicubic_skip = cfg.bicubic_skip
+        if self.bicubic_skip:  # start exactly at bicubic: the residual branch's last layer begins at zero
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         head = self.head(lr)
         features = head + self.body_tail(self.body(head))  # global skip over the residual blocks
-        return torch.tanh(self.tail(self.upsample(features)))
+        detail = self.tail(self.upsample(features))
+        if self.bicubic_skip:
+            base = F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False)
+            return (base + detail).clamp(-1, 1)
+        return torch.tanh(detail)
 
 
 # --- discriminator -------------------------------------------------------------------------------------------
