@@ -62,11 +62,12 @@ def test_health_docs_and_models(denoise_url):
     assert requests.get(f"{base}/docs", timeout=30).status_code == 200
     spec = requests.get(f"{base}/openapi.json", timeout=30).json()
     assert "/{name}" in spec["paths"]
-    models = requests.get(f"{base}/models", timeout=30).json()
+    models = requests.get(f"{base}/models", timeout=30).json()["models"]
     from genray.artifacts import read_meta
 
     assert models["denoise"]["digest"] == read_meta(trained.model_uri)["digest"]
-    assert models["denoise"]["task"] == "denoise"
+    assert models["denoise"]["task"] == "denoise" and models["denoise"]["kind"] == "image"
+    assert models["denoise"]["metrics"] == read_meta(trained.model_uri)["metrics"]
 
 
 def test_concurrent_requests_share_batches(denoise_url):
@@ -75,5 +76,5 @@ def test_concurrent_requests_share_batches(denoise_url):
     with ThreadPoolExecutor(12) as pool:
         statuses = list(pool.map(lambda p: requests.post(f"{base}/denoise", data=p, timeout=60).status_code, payloads))
     assert statuses == [200] * 24
-    sizes = requests.get(f"{base}/models", timeout=30).json()["denoise"]["recent_batch_sizes"]
+    sizes = requests.get(f"{base}/models", timeout=30).json()["models"]["denoise"]["recent_batch_sizes"]
     assert max(sizes) > 1, sizes  # @serve.batch merged concurrent requests into one forward pass

@@ -1,1 +1,1 @@
-"""Ray Serve app: model deployments with dynamic batching behind one FastAPI ingress."""
+"""Ray Serve app: one deployment per model artefact (batched), a multiplexed style pool, one FastAPI gateway."""

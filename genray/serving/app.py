@@ -1,101 +1,76 @@
-"""The genray Serve application, built from a typed config (`build_app`).
+"""The genray Serve application, built from a typed config (`build_app`, the import path in configs/serve/*.yaml).
 
-One deployment per model artefact, each wrapping the shared Predictor with @serve.batch, behind a FastAPI
-ingress that validates uploads (400 bad image, 413 too large) before they reach a model replica.
+One deployment per model artefact (its class follows the artefact's task), one multiplexed pool for the style
+networks, and the FastAPI gateway in front (genray/serving/gateway.py). Each deployment gets its batching,
+replica/autoscaling, CPU and bounded-queue settings from the config.
 """
 
-import asyncio
 from typing import Any
 
-import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
-from genray.config import ModelServeConfig, ServeAppConfig
-from genray.images import ImageError, ImageTooLargeError, decode_image, encode_png
+from genray.config import DeploymentOptions, ServeAppConfig
+from genray.serving.gateway import Gateway
+from genray.serving.models import Classifier, Generator, ImageModel, StylePool
 
-IMAGE_TASKS = ("denoise", "superres", "style")
-
-
-@serve.deployment(max_ongoing_requests=32)
-class ImageModel:
-    """A model artefact as a batched image -> image function."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        from genray.inference import Predictor
-
-        self.cfg = ModelServeConfig.model_validate(cfg)
-        self.predictor = Predictor.from_uri(self.cfg.uri, tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
-                                            batch_size=self.cfg.max_batch_size)
-        self.batch_sizes: list[int] = []  # recent batch sizes, for /models and the batching test
-        self.predict.set_max_batch_size(self.cfg.max_batch_size)
-        self.predict.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        self.batch_sizes = (self.batch_sizes + [len(images)])[-100:]
-        # The forward pass runs in a thread so the replica's event loop keeps accepting requests meanwhile.
-        return await asyncio.to_thread(self.predictor, images)
-
-    async def __call__(self, image: np.ndarray) -> np.ndarray:
-        return await self.predict(image)
-
-    def info(self) -> dict[str, Any]:
-        meta = self.predictor.meta
-        return {"uri": self.cfg.uri, "family": meta["family"], "task": meta["task"], "digest": meta["digest"],
-                "metrics": meta.get("metrics", {}), "recent_batch_sizes": self.batch_sizes[-20:]}
+# Task in model.json -> (deployment class, route kind the gateway serves it under).
+KINDS = {
+    "denoise": (ImageModel, "image"),
+    "superres": (ImageModel, "image"),
+    "reconstruct": (ImageModel, "image"),  # dense autoencoders: image in, its reconstruction out
+    "style": (ImageModel, "image"),  # one style network under its own name (many: use `styles`, multiplexed)
+    "generate": (Generator, "generator"),
+    "classify": (Classifier, "classifier"),
+}
 
 
-api = FastAPI(title="genray", description="Generative image models served with Ray Serve")
-
-
-@serve.deployment(max_ongoing_requests=64)
-@serve.ingress(api)
-class Gateway:
-    def __init__(self, cfg: dict[str, Any], models: dict[str, DeploymentHandle]):
-        self.cfg = ServeAppConfig.model_validate(cfg)
-        self.models = models
-
-    async def _read_image(self, request: Request) -> np.ndarray:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
-            raise HTTPException(413, f"body of {declared} bytes is over the {self.cfg.max_body_bytes}-byte limit")
-        body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives, so a lying Content-Length cannot get past
-            body += chunk
-            if len(body) > self.cfg.max_body_bytes:
-                raise HTTPException(413, f"body is over the {self.cfg.max_body_bytes}-byte limit")
-        try:
-            return decode_image(bytes(body), channels=None, max_pixels=self.cfg.max_pixels)
-        except ImageTooLargeError as err:
-            raise HTTPException(413, str(err)) from None
-        except ImageError as err:
-            raise HTTPException(400, f"bad image: {err}") from None
-
-    @api.get("/models")
-    async def list_models(self) -> JSONResponse:
-        infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
-        return JSONResponse(dict(zip(self.models, infos)))
-
-    @api.post("/{name}", responses={200: {"content": {"image/png": {}}}})
-    async def process(self, name: str, request: Request) -> Response:
-        """Image bytes (PNG/JPEG/...) in, PNG out."""
-        if name not in self.models:
-            raise HTTPException(404, f"no model {name!r}; served: {', '.join(sorted(self.models))}")
-        image = await self._read_image(request)
-        output = await self.models[name].remote(image)
-        return Response(encode_png(output), media_type="image/png")
+def deployment_options(opts: DeploymentOptions, name: str, overload_status_code: int,
+                       retry_after_s: float | None) -> dict[str, Any]:
+    """Ray Serve deployment options from genray's config (batching itself is set inside the replica)."""
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+        "max_ongoing_requests": opts.ongoing_limit,
+        "max_queued_requests": opts.max_queued_requests,
+        "backpressure_config": {"status_code": overload_status_code, "retry_after_s": retry_after_s},
+    }
+    if opts.autoscaling is not None:
+        scaling = opts.autoscaling.model_dump(exclude_none=True)
+        scaling.setdefault("target_ongoing_requests", opts.max_batch_size)
+        options["autoscaling_config"] = scaling
+    else:
+        options["num_replicas"] = opts.num_replicas or 1
+    return options
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Typed app builder: `serve run` and `genray serve` both call this with the config's `args`."""
+    """Typed app builder: `serve run` / `serve deploy` and `genray serve` all call this with the config's `args`.
+
+    Every artefact's model.json is read here (a small file), so a wrong URI or an unservable family fails the
+    deployment at once with a clear message instead of a replica crash loop."""
+    from genray.artifacts import read_meta
+    from genray.models import get_spec
+
     cfg = ServeAppConfig.model_validate(args)
-    models = {
-        name: ImageModel.options(name=f"model-{name}", num_replicas=m.num_replicas,
-                                 ray_actor_options={"num_cpus": m.num_cpus},
-                                 max_ongoing_requests=max(32, 2 * m.max_batch_size)).bind(m.model_dump(mode="json"))
-        for name, m in cfg.models.items()
-    }
-    return Gateway.options(ray_actor_options={"num_cpus": 0.1}).bind(cfg.model_dump(mode="json"), models)
+    overload = {"overload_status_code": cfg.overload_status_code, "retry_after_s": cfg.retry_after_s}
+    routes: dict[str, dict[str, Any]] = {}
+    models = {}
+    for name, m in cfg.models.items():
+        spec = get_spec(read_meta(m.uri)["family"])
+        if spec.task not in KINDS:
+            raise ValueError(f"models.{name}: {m.uri} is a {spec.name} ({spec.task}), which genray does not "
+                             f"serve; servable tasks: {', '.join(KINDS)}")
+        deployment, kind = KINDS[spec.task]
+        routes[name] = {"kind": kind, "family": spec.name, "task": spec.task, "scale": spec.scale}
+        models[name] = deployment.options(**deployment_options(m, f"model-{name}", **overload)).bind(
+            m.model_dump(mode="json"))
+    styles = None
+    if cfg.styles is not None:
+        styles = StylePool.options(**deployment_options(cfg.styles, "styles", **overload)).bind(
+            cfg.styles.model_dump(mode="json"))
+    g = cfg.gateway
+    return Gateway.options(
+        num_replicas=g.num_replicas, ray_actor_options={"num_cpus": g.num_cpus},
+        max_ongoing_requests=g.max_ongoing_requests, max_queued_requests=g.max_queued_requests,
+        backpressure_config={"status_code": cfg.overload_status_code, "retry_after_s": cfg.retry_after_s},
+    ).bind(cfg.model_dump(mode="json"), routes, models, styles)

@@ -1,0 +1,187 @@
+"""The FastAPI ingress of the Serve app: checks the bearer token, validates and decodes uploads (400 bad image,
+413 too large), calls the model deployments with a timeout (504), and turns full queues into 503/429.
+
+Routes: POST /<model> (image models), POST /style/<style> (multiplexed), GET /generate/<model>,
+POST /vae/<model>/reconstruct, GET /vae/<model>/interpolate, POST /classify/<model>, GET /models, /docs.
+GET /-/healthz is answered by Serve's proxy itself, so it stays open and never reaches this code.
+"""
+
+import asyncio
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from genray import __version__
+from genray.config import ServeAppConfig
+from genray.images import ImageError, ImageTooLargeError, decode_image
+from genray.serving.auth import BearerAuth, load_token
+
+# Declared for OpenAPI (an "Authorize" button in /docs); the check itself is Gateway._authorize.
+_bearer = HTTPBearer(auto_error=False, description="needed when the server has a token configured")
+_IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+_PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this
+
+api = FastAPI(title="genray", version=__version__, dependencies=[Security(_bearer)],
+              description="Generative image models served with Ray Serve: image in as the request body "
+                          "(PNG/JPEG/...), PNG out.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_parameters(request: Request, err: RequestValidationError) -> JSONResponse:
+    """A malformed query parameter is a bad request like any other: 400 with the reason, not FastAPI's 422."""
+    reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+    return JSONResponse({"detail": reasons}, status_code=400)
+
+
+def _png(data: bytes, **headers: str) -> Response:
+    return Response(data, media_type="image/png", headers=headers or None)
+
+
+@serve.deployment(max_constructor_retry_count=3)  # a bad token setup fails the deploy fast, not after 20 tries
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, cfg: dict[str, Any], routes: dict[str, dict[str, Any]],
+                 models: dict[str, DeploymentHandle], styles: DeploymentHandle | None):
+        """routes: model name -> {"kind": image|generator|classifier, "family", "task", "scale"} (from build_app)."""
+        self.cfg = ServeAppConfig.model_validate(cfg)
+        self.routes, self.models, self.styles = routes, models, styles
+        token = load_token(self.cfg.token_file)
+        if token is None and self.cfg.require_token:
+            raise RuntimeError("require_token is set but no bearer token was found ($GENRAY_SERVE_TOKEN, "
+                               "$GENRAY_SERVE_TOKEN_FILE or token_file)")
+        self.auth = BearerAuth(token)
+
+    # -- the checks every route makes ---------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self.auth.allows(request.headers.get("authorization")):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _model(self, name: str, kind: str, family: str | None = None) -> DeploymentHandle:
+        route = self.routes.get(name)
+        if route is None or route["kind"] != kind or (family and route["family"] != family):
+            served = sorted(n for n, r in self.routes.items() if r["kind"] == kind and family in (None, r["family"]))
+            what = f"{family or kind} model"
+            raise HTTPException(404, f"no {what} {name!r}; served: {', '.join(served) or 'none'}")
+        return self.models[name]
+
+    async def _read_image(self, request: Request) -> np.ndarray:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            raise HTTPException(413, f"body of {declared} bytes is over the {self.cfg.max_body_bytes}-byte limit")
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives, so a lying Content-Length cannot get past
+            body += chunk
+            if len(body) > self.cfg.max_body_bytes:
+                raise HTTPException(413, f"body is over the {self.cfg.max_body_bytes}-byte limit")
+        try:
+            # Off the event loop: a large image takes a while to decode, and other requests keep flowing.
+            return await asyncio.to_thread(decode_image, bytes(body), None, self.cfg.max_pixels)
+        except ImageTooLargeError as err:
+            raise HTTPException(413, str(err)) from None
+        except ImageError as err:
+            raise HTTPException(400, f"bad image: {err}") from None
+
+    def _count(self, value: int, name: str, minimum: int) -> int:
+        if not minimum <= value <= self.cfg.max_images:
+            raise HTTPException(400, f"{name} must be between {minimum} and {self.cfg.max_images}, got {value}")
+        return value
+
+    async def _answer(self, response: DeploymentResponse) -> Any:
+        """Await a model deployment's answer: 504 past the timeout, 503/429 when its bounded queue is full."""
+        try:
+            return await asyncio.wait_for(response, self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise HTTPException(504, f"no answer from the model within {self.cfg.request_timeout_s:g} s") from None
+        except BackPressureError as err:
+            headers = {"Retry-After": str(math.ceil(err.retry_after_s))} if err.retry_after_s is not None else None
+            raise HTTPException(err.status_code, f"overloaded, try again later ({err.message})", headers) from None
+        except DeploymentUnavailableError as err:
+            raise HTTPException(503, f"model unavailable: {err.message}") from None
+
+    # -- routes -------------------------------------------------------------------------------------------
+
+    @api.get("/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        """What is served: each model's artefact (URI, family, digest, metrics) and its routes; the style pool."""
+        self._authorize(request)
+        names = list(self.models)
+        infos = await asyncio.gather(*(self._answer(self.models[n].info.remote()) for n in names))
+        models = {n: {**info, "kind": self.routes[n]["kind"]} for n, info in zip(names, infos)}
+        styles = await self._answer(self.styles.info.remote()) if self.styles else None
+        return JSONResponse({"models": models, "styles": styles})
+
+    @api.post("/style/{style}", responses=_PNG, openapi_extra=_IMAGE_BODY)
+    async def stylize(self, style: str, request: Request) -> Response:
+        """A fast style network, picked by name from the multiplexed style pool."""
+        self._authorize(request)
+        known = self.cfg.styles.uris if self.cfg.styles else {}
+        if style not in known:
+            raise HTTPException(404, f"no style {style!r}; served: {', '.join(sorted(known)) or 'none'}")
+        image = await self._read_image(request)
+        self._check_output_size(image, 1)
+        return _png(await self._answer(self.styles.options(multiplexed_model_id=style).remote(image)))
+
+    @api.get("/generate/{model}", responses=_PNG)
+    async def generate(self, model: str, request: Request, n: int = 16,
+                       seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
+        """n samples of a DCGAN or VAE as a PNG grid; the same seed gives the same image (X-Seed says which)."""
+        self._authorize(request)
+        handle = self._model(model, "generator")
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        grid = await self._answer(handle.generate.remote(self._count(n, "n", 1), seed))
+        return _png(grid, **{"X-Seed": str(seed)})
+
+    @api.post("/vae/{model}/reconstruct", responses=_PNG, openapi_extra=_IMAGE_BODY)
+    async def vae_reconstruct(self, model: str, request: Request) -> Response:
+        """The VAE's reconstruction decode(mu) of the upload, resized to the VAE's image size and channels."""
+        self._authorize(request)
+        handle = self._model(model, "generator", family="vae")
+        image = await self._read_image(request)
+        return _png(await self._answer(handle.reconstruct.remote(image)))
+
+    @api.get("/vae/{model}/interpolate", responses=_PNG)
+    async def vae_interpolate(self, model: str, request: Request, steps: int = 8,
+                              seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
+        """Decodings along the line between two latents drawn with `seed`, as one row of `steps` images."""
+        self._authorize(request)
+        handle = self._model(model, "generator", family="vae")
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        strip = await self._answer(handle.interpolate.remote(self._count(steps, "steps", 2), seed))
+        return _png(strip, **{"X-Seed": str(seed)})
+
+    @api.post("/classify/{model}", openapi_extra=_IMAGE_BODY)
+    async def classify(self, model: str, request: Request) -> JSONResponse:
+        """Class probabilities for the upload: {"label": k, "probabilities": [...]}."""
+        self._authorize(request)
+        handle = self._model(model, "classifier")
+        image = await self._read_image(request)
+        return JSONResponse(await self._answer(handle.remote(image)))
+
+    # Declared last: a single path segment that none of the routes above claimed names an image model.
+    @api.post("/{name}", responses=_PNG, openapi_extra=_IMAGE_BODY)
+    async def process(self, name: str, request: Request) -> Response:
+        """Image models (denoise, superres, ...): image bytes in, PNG out; large images are tiled."""
+        self._authorize(request)
+        handle = self._model(name, "image")
+        image = await self._read_image(request)
+        self._check_output_size(image, self.routes[name]["scale"])
+        return _png(await self._answer(handle.remote(image)))
+
+    def _check_output_size(self, image: np.ndarray, scale: int) -> None:
+        height, width = image.shape[0] * scale, image.shape[1] * scale
+        if height * width > self.cfg.max_output_pixels:
+            raise HTTPException(413, f"the output would be {width}x{height} = {width * height:,} pixels, "
+                                     f"limit {self.cfg.max_output_pixels:,}")

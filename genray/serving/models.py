@@ -1,0 +1,221 @@
+"""Model deployments of the Serve app, one class per kind of artefact, each batching concurrent requests.
+
+ImageModel: image -> image through the shared Predictor (denoise, superres, dense-AE reconstruction, one style).
+StylePool: many fast style networks multiplexed over one pool of replicas (@serve.multiplexed).
+Generator: DCGAN / VAE samples, and the VAE's reconstruct / interpolate.
+Classifier: class probabilities of the stacked-autoencoder classifier.
+Replicas answer with PNG bytes: encoding runs beside the forward pass, off the gateway's event loop.
+"""
+
+import asyncio
+import math
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from ray import serve
+
+from genray.config import DeploymentOptions, ModelServeConfig, StylePoolConfig
+from genray.images import encode_png, make_grid
+
+RECENT = 100  # batch sizes kept per replica, for GET /models and the batching test
+
+
+class _Replica:
+    """What every model replica shares: torch threads, the batcher's settings, and a record of batch sizes."""
+
+    def _setup(self, opts: DeploymentOptions, *batched_methods) -> None:
+        import torch
+
+        if opts.num_threads:
+            torch.set_num_threads(opts.num_threads)
+        for method in batched_methods:  # @serve.batch's decorator values are defaults; the config decides
+            method.set_max_batch_size(opts.max_batch_size)
+            method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    def _load_artifact(self, cfg: dict[str, Any], *batched_methods) -> None:
+        """For the families the Predictor does not cover: config, threads and batching, then the artefact."""
+        from genray.artifacts import load_artifact
+        from genray.inference import default_device
+
+        self.cfg = ModelServeConfig.model_validate(cfg)
+        self._setup(self.cfg, *batched_methods)
+        self.device = default_device()
+        self.spec, self.model_cfg, self.model, self.meta = load_artifact(self.cfg.uri, self.device)
+
+    def _record_batch(self, size: int) -> None:
+        self.batch_sizes = (self.batch_sizes + [size])[-RECENT:]
+
+    def _replica_info(self) -> dict[str, Any]:
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
+                "recent_batch_sizes": self.batch_sizes[-20:]}
+
+    def info(self) -> dict[str, Any]:
+        """The artefact (self.cfg.uri, self.meta) and this replica, for GET /models."""
+        return {**_artifact_info(self.cfg.uri, self.meta), **self._replica_info()}
+
+
+def _artifact_info(uri: str, meta: dict[str, Any]) -> dict[str, Any]:
+    from genray.models import get_spec
+
+    return {"uri": uri, "family": meta["family"], "task": get_spec(meta["family"]).task, "digest": meta["digest"],
+            "metrics": meta.get("metrics", {})}
+
+
+def fit_image(image: np.ndarray, side: int, channels: int) -> np.ndarray:
+    """uint8 (H, W, C) -> (side, side, channels) for fixed-size models: bicubic resize, grey <-> RGB."""
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    pil = pil.convert("L" if channels == 1 else "RGB")
+    if pil.size != (side, side):
+        pil = pil.resize((side, side), Image.Resampling.BICUBIC)
+    array = np.asarray(pil, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
+    """(N, H, W, C) uint8 -> one PNG grid, about square unless nrow is given."""
+    return encode_png(make_grid(list(images), nrow=nrow or math.ceil(math.sqrt(len(images)))))
+
+
+@serve.deployment(max_constructor_retry_count=3)
+class ImageModel(_Replica):
+    """A model artefact as a batched image -> image function (the Predictor tiles large images)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from genray.inference import Predictor
+
+        self.cfg = ModelServeConfig.model_validate(cfg)
+        self._setup(self.cfg, self.__call__)
+        self.predictor = Predictor.from_uri(self.cfg.uri, tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
+                                            batch_size=self.cfg.max_batch_size)
+        self.meta = self.predictor.meta
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, images: list[np.ndarray]) -> list[bytes]:
+        self._record_batch(len(images))
+        # In a thread: the replica's event loop keeps accepting (and batching) requests during the forward pass.
+        return await asyncio.to_thread(lambda: [encode_png(y) for y in self.predictor(images)])
+
+
+class _LoadedStyle:
+    """One style network loaded on a replica. Serve's multiplexer calls __del__ when it evicts the style."""
+
+    def __init__(self, name: str, predictor, registry: dict[str, "_LoadedStyle"]):
+        self.name, self.predictor, self.registry = name, predictor, registry
+        registry[name] = self
+
+    def __del__(self):
+        if self.registry.get(self.name) is self:  # may also run later from the garbage collector: only once
+            del self.registry[self.name]
+
+
+@serve.deployment(max_constructor_retry_count=3)
+class StylePool(_Replica):
+    """Fast style networks behind one deployment: the request's multiplexed model id names the style, and any
+    replica loads it on first use (least recently used styles are evicted beyond max_styles_per_replica)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from genray.artifacts import read_meta
+        from genray.models import get_spec
+
+        self.cfg = StylePoolConfig.model_validate(cfg)
+        self._setup(self.cfg, self.__call__)
+        # model.json of every style up front (small files): a wrong URI fails the deployment, not a request,
+        # and GET /models lists every style's digest, loaded or not.
+        self.metas = {name: read_meta(uri) for name, uri in self.cfg.uris.items()}
+        wrong = {name: m["family"] for name, m in self.metas.items() if get_spec(m["family"]).task != "style"}
+        if wrong:
+            raise ValueError(f"not style networks: {wrong}")
+        self.loaded: dict[str, _LoadedStyle] = {}
+        self.num_loads = 0
+
+        async def load_style(style: str) -> _LoadedStyle:
+            return await asyncio.to_thread(self._load, style)
+
+        # Wrapped here rather than decorated on the class, so the cache size comes from the config.
+        self.get_style = serve.multiplexed(max_num_models_per_replica=self.cfg.max_styles_per_replica)(load_style)
+
+    def _load(self, style: str) -> _LoadedStyle:
+        from genray.inference import Predictor
+
+        predictor = Predictor.from_uri(self.cfg.uris[style], tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
+                                       batch_size=self.cfg.max_batch_size)
+        self.num_loads += 1
+        return _LoadedStyle(style, predictor, self.loaded)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, images: list[np.ndarray]) -> list[bytes]:
+        # Serve splits batches by multiplexed model id, so one batch is one style.
+        style = await self.get_style(serve.get_multiplexed_model_id())
+        self._record_batch(len(images))
+        return await asyncio.to_thread(lambda: [encode_png(y) for y in style.predictor(images)])
+
+    def info(self) -> dict[str, Any]:
+        return {"styles": {name: _artifact_info(self.cfg.uris[name], meta) for name, meta in self.metas.items()},
+                "loaded_on_replica": sorted(self.loaded), "num_loads": self.num_loads,
+                "max_styles_per_replica": self.cfg.max_styles_per_replica, **self._replica_info()}
+
+
+@serve.deployment(max_constructor_retry_count=3)
+class Generator(_Replica):
+    """DCGAN or VAE: seeded samples as a PNG grid; a VAE also reconstructs uploads (batched) and interpolates."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self._load_artifact(cfg, self.reconstruct)
+        if self.spec.generate is None:
+            raise ValueError(f"{self.cfg.uri}: family {self.spec.name} does not generate images")
+
+    async def generate(self, n: int, seed: int) -> bytes:
+        # Not batched across requests: each request's noise comes from its own seeded generator, which is what
+        # makes "same seed, same image" hold; n images already share one forward pass.
+        return await asyncio.to_thread(lambda: grid_png(self.spec.generate(self.model, n, seed, self.model_cfg)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def reconstruct(self, images: list[np.ndarray]) -> list[bytes]:
+        from genray.models import vae
+
+        self._require_vae()
+        self._record_batch(len(images))
+        side, channels = self.model_cfg.image_size, self.model_cfg.channels
+
+        def run() -> list[bytes]:
+            fitted = [fit_image(im, side, channels) for im in images]
+            return [encode_png(y) for y in vae.reconstruct(self.model, fitted)]
+
+        return await asyncio.to_thread(run)
+
+    async def interpolate(self, steps: int, seed: int) -> bytes:
+        from genray.models import vae
+
+        self._require_vae()
+        return await asyncio.to_thread(lambda: grid_png(vae.interpolate(self.model, steps, seed), nrow=steps))
+
+    def _require_vae(self) -> None:
+        if self.spec.name != "vae":  # the gateway routes only VAEs here; this guards direct handle calls
+            raise ValueError(f"{self.spec.name} is not a VAE")
+
+
+@serve.deployment(max_constructor_retry_count=3)
+class Classifier(_Replica):
+    """The stacked-autoencoder classifier: an upload (resized to the model's input) -> class probabilities."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self._load_artifact(cfg, self.__call__)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        self._record_batch(len(images))
+        return await asyncio.to_thread(self._classify, images)
+
+    def _classify(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        import torch
+
+        from genray.images import to_float
+
+        side, channels = self.model_cfg.image_size, self.model_cfg.channels
+        x = to_float(np.stack([fit_image(im, side, channels) for im in images]), self.spec.value_range)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device)), dim=1).cpu().numpy()  # (B, K)
+        return [{"label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]

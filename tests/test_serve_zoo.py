@@ -1,0 +1,164 @@
+"""Every model family over real HTTP: one Serve app (tests/conftest.py `serve_zoo`) with untrained tiny artefacts."""
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from genray.artifacts import read_meta
+from genray.images import decode_image, encode_png
+
+
+def image(seed: int, shape) -> bytes:
+    return encode_png(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8))
+
+
+def png_shape(r: requests.Response) -> tuple[int, ...]:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    return decode_image(r.content, channels=None).shape
+
+
+def grid_side(count: int, side: int, padding: int = 2) -> int:
+    return count * (side + padding) + padding
+
+
+@pytest.mark.parametrize("endpoint, shape, expected", [
+    ("denoise", (40, 52, 3), (40, 52, 3)),  # photo denoiser: any size, RGB
+    ("denoise", (33, 20, 1), (33, 20, 1)),  # grey in, grey out
+    ("superres", (12, 16, 3), (48, 64, 3)),  # x4
+    ("digits-ae", (30, 30, 1), (30, 30, 1)),  # dense AE on 28x28 blocks, any size
+])
+def test_image_models_answer_png_of_the_right_size(serve_zoo, endpoint, shape, expected):
+    base, _ = serve_zoo
+    assert png_shape(requests.post(f"{base}/{endpoint}", data=image(0, shape), timeout=60)) == expected
+
+
+def test_styles_are_multiplexed_over_one_deployment(serve_zoo):
+    from ray import serve
+
+    base, _ = serve_zoo
+    upload = image(1, (24, 32, 3))
+    outputs = {}
+    for style in ("a", "b"):
+        r = requests.post(f"{base}/style/{style}", data=upload, timeout=60)
+        assert png_shape(r) == (24, 32, 3)
+        outputs[style] = r.content
+    assert outputs["a"] != outputs["b"]  # two style networks (different weights) ...
+    deployments = serve.status().applications["zoo"].deployments
+    assert [d for d in deployments if "style" in d] == ["styles"]  # ... behind one deployment
+    pool = requests.get(f"{base}/models", timeout=30).json()["styles"]
+    assert pool["loaded_on_replica"] == ["a", "b"] and set(pool["styles"]) == {"a", "b", "c"}
+    # A third style is loaded on demand and evicts the least recently used one (max_styles_per_replica=2).
+    assert png_shape(requests.post(f"{base}/style/c", data=upload, timeout=60)) == (24, 32, 3)
+    pool_after = requests.get(f"{base}/models", timeout=30).json()["styles"]
+    assert pool_after["loaded_on_replica"] == ["b", "c"]
+    assert pool_after["num_loads"] == pool["num_loads"] + 1
+    # Reloading an evicted style gives the same result as before.
+    assert requests.post(f"{base}/style/a", data=upload, timeout=60).content == outputs["a"]
+
+
+def test_style_requests_are_batched_per_style(serve_zoo):
+    base, _ = serve_zoo
+    uploads = [image(i, (16, 16, 3)) for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda b: requests.post(f"{base}/style/b", data=b, timeout=60).status_code, uploads))
+    assert codes == [200] * 12
+    sizes = requests.get(f"{base}/models", timeout=30).json()["styles"]["recent_batch_sizes"]
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.parametrize("model, side, channels", [("digits-gan", 28, 1), ("digits-vae", 16, 1)])
+def test_generate_is_a_seeded_png_grid(serve_zoo, model, side, channels):
+    base, _ = serve_zoo
+    first = requests.get(f"{base}/generate/{model}", params={"n": 16, "seed": 3}, timeout=60)
+    assert png_shape(first) == (grid_side(4, side), grid_side(4, side), channels)
+    assert first.headers["x-seed"] == "3"
+    again = requests.get(f"{base}/generate/{model}", params={"n": 16, "seed": 3}, timeout=60)
+    other = requests.get(f"{base}/generate/{model}", params={"n": 16, "seed": 4}, timeout=60)
+    assert again.content == first.content and other.content != first.content
+    # No seed: a random one, reported so the image can be made again.
+    r = requests.get(f"{base}/generate/{model}", params={"n": 3}, timeout=60)
+    assert png_shape(r) == (grid_side(2, side), grid_side(2, side), channels)
+    replay = requests.get(f"{base}/generate/{model}", params={"n": 3, "seed": r.headers["x-seed"]}, timeout=60)
+    assert replay.content == r.content
+
+
+def test_vae_reconstructs_and_interpolates(serve_zoo):
+    base, _ = serve_zoo
+    buf = io.BytesIO()  # a JPEG photo of another size and colour: resized to the VAE's 16x16 grey
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, "JPEG")
+    assert png_shape(requests.post(f"{base}/vae/digits-vae/reconstruct", data=buf.getvalue(), timeout=60)) == (
+        16, 16, 1)
+    r = requests.get(f"{base}/vae/digits-vae/interpolate", params={"steps": 5, "seed": 1}, timeout=60)
+    assert png_shape(r) == (grid_side(1, 16), grid_side(5, 16), 1)
+    assert requests.get(f"{base}/vae/digits-vae/interpolate", params={"steps": 5, "seed": 1},
+                        timeout=60).content == r.content
+
+
+def test_classifier_answers_probabilities(serve_zoo):
+    base, _ = serve_zoo
+    r = requests.post(f"{base}/classify/digits-classifier", data=image(3, (28, 28, 1)), timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert len(body["probabilities"]) == 10 and abs(sum(body["probabilities"]) - 1) < 1e-4
+    assert body["label"] == int(np.argmax(body["probabilities"]))
+
+
+@pytest.mark.parametrize("method, path, params, status, says", [
+    ("get", "/generate/denoise", {}, 404, "digits-gan"),  # not a generator: the 404 lists the generators
+    ("get", "/vae/digits-gan/interpolate", {}, 404, "digits-vae"),  # a generator, but not a VAE
+    ("post", "/style/nope", {}, 404, "a, b, c"),
+    ("post", "/digits-gan", {}, 404, "denoise"),  # generators have no POST /<name>
+    ("post", "/classify/denoise", {}, 404, "digits-classifier"),
+    ("get", "/generate/digits-gan", {"n": 0}, 400, "between 1 and 32"),
+    ("get", "/generate/digits-gan", {"n": 33}, 400, "between 1 and 32"),
+    ("get", "/generate/digits-gan", {"n": "many"}, 400, "n"),
+    ("get", "/generate/digits-gan", {"seed": -1}, 400, "seed"),
+    ("get", "/vae/digits-vae/interpolate", {"steps": 1}, 400, "between 2 and 32"),
+])
+def test_wrong_routes_and_parameters(serve_zoo, method, path, params, status, says):
+    base, _ = serve_zoo
+    r = getattr(requests, method)(f"{base}{path}", params=params, data=image(0, (8, 8, 1)), timeout=60)
+    assert r.status_code == status and says in r.json()["detail"], r.text
+
+
+def test_output_pixel_cap_is_413(serve_zoo):
+    base, _ = serve_zoo
+    # 0.36 Mpx in is under max_pixels (1 M), but x4 super-resolution would make 5.76 Mpx (cap 4 M).
+    r = requests.post(f"{base}/superres", data=image(0, (600, 600, 1)), timeout=60)
+    assert r.status_code == 413 and "output would be 2400x2400" in r.json()["detail"]
+
+
+def test_models_lists_every_artefact_and_docs_every_route(serve_zoo, serve_zoo_uris):
+    base, _ = serve_zoo
+    listing = requests.get(f"{base}/models", timeout=30).json()
+    kinds = {"denoise": "image", "superres": "image", "digits-ae": "image", "digits-gan": "generator",
+             "digits-vae": "generator", "digits-classifier": "classifier"}
+    assert {name: m["kind"] for name, m in listing["models"].items()} == kinds
+    for name, uri in serve_zoo_uris["models"].items():
+        assert listing["models"][name]["digest"] == read_meta(uri)["digest"]
+        assert listing["models"][name]["uri"] == uri
+    for name, uri in serve_zoo_uris["styles"].items():
+        assert listing["styles"]["styles"][name]["digest"] == read_meta(uri)["digest"]
+    paths = requests.get(f"{base}/openapi.json", timeout=30).json()["paths"]
+    assert {"/models", "/style/{style}", "/generate/{model}", "/vae/{model}/reconstruct",
+            "/vae/{model}/interpolate", "/classify/{model}", "/{name}"} <= set(paths)
+    assert requests.get(f"{base}/docs", timeout=30).status_code == 200
+
+
+def test_bad_and_oversized_bodies(serve_zoo):
+    base, _ = serve_zoo
+    truncated = image(0, (64, 64, 3))[:200]
+    for path in ("/denoise", "/style/a", "/vae/digits-vae/reconstruct", "/classify/digits-classifier"):
+        r = requests.post(f"{base}{path}", data=truncated, timeout=60)
+        assert r.status_code == 400 and r.json()["detail"].startswith("bad image"), (path, r.text)
+    # Chunked upload (no Content-Length): counted as it streams in, refused once over max_body_bytes (2 MB).
+    r = requests.post(f"{base}/denoise", data=(b"\0" * 100_000 for _ in range(30)), timeout=60)
+    assert r.status_code == 413 and "2000000-byte limit" in r.json()["detail"]
+    r = requests.post(f"{base}/denoise", data=image(0, (1001, 1000, 1)), timeout=60)  # 1.001 Mpx > max_pixels
+    assert r.status_code == 413 and "1000x1001" in r.json()["detail"]
