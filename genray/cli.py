@@ -1,4 +1,4 @@
-"""The `genray` command: data export, train, process, serve, demo. Every verb has --help."""
+"""The `genray` command: data export, train, process, serve, submit, jobs, demo. Every verb has --help."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +15,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from genray.batch.pipeline import JobError
     from genray.images import ImageError
     from genray.storage import StorageError
+    from genray.submit import SubmitError
     from genray.training.trainer import TrainingError
 
-    return (ConfigError, StorageError, ArtifactError, JobError, TrainingError, ImageError)
+    return (ConfigError, StorageError, ArtifactError, JobError, TrainingError, ImageError, SubmitError)
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
@@ -55,6 +56,7 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
     flags = {"task": args.task, "input_uri": args.input, "output_uri": args.output, "model_uri": args.model,
              "style_image_uri": args.style_image, "tile": args.tile, "batch_size": args.batch_size,
+             "forward_batch_size": args.forward_batch_size,
              "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
              "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights}
     data.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
@@ -79,15 +81,19 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from genray.config import ServeFileConfig, load_config
     from genray.runtime import init_ray
-    from genray.serving.deploy import run_serve_config
+    from genray.serving.deploy import open_access_warning, run_serve_config
 
-    cfg = load_config(args.config, args.set, cls=ServeFileConfig)
-    if args.host or args.port is not None:
-        http = cfg.http_options.model_copy(update={k: v for k, v in {"host": args.host, "port": args.port}.items() if v})
-        cfg = cfg.model_copy(update={"http_options": http})
+    # --host/--port are overrides like any other, so they are validated with the rest of the file.
+    overrides = list(args.set or []) + [f"http_options.{key}={value}" for key, value in
+                                        (("host", args.host), ("port", args.port)) if value is not None]
+    cfg = load_config(args.config, overrides, cls=ServeFileConfig)
+    warning = open_access_warning(cfg)
+    if warning:
+        print(f"[genray] warning: {warning}", file=sys.stderr, flush=True)
     init_ray(args.address)
     url = run_serve_config(cfg)
-    print(f"[genray] serving at {url} (OpenAPI at {url}/docs); Ctrl-C or SIGTERM to stop", flush=True)
+    print(f"[genray] serving at {url} (OpenAPI at {url}/docs, what is loaded at {url}/models); "
+          "Ctrl-C or SIGTERM to stop", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -99,6 +105,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve.shutdown()
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from genray.submit import parse_env, split_address, submit
+
+    address, job_args = split_address(args.args)
+    return submit(args.job, job_args, address=args.address or address, working_dir=args.working_dir,
+                  env_vars=parse_env(args.env), wait=not args.no_wait, submission_id=args.submission_id)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from genray import submit
+
+    if args.jobs_verb == "list":
+        return submit.list_jobs(args.address)
+    if args.jobs_verb == "status":
+        return submit.job_status(args.job_id, args.address)
+    if args.jobs_verb == "logs":
+        return submit.job_logs(args.job_id, args.address, follow=args.follow)
+    return submit.stop_job(args.job_id, args.address)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -137,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", help="configs/process/*.yaml; flags override it")
     pr.add_argument("--tile", type=int, help="images larger than this go through the model in overlapping tiles")
     pr.add_argument("--batch-size", type=int, help="images per model call")
+    pr.add_argument("--forward-batch-size", type=int,
+                    help="images (or tiles) per forward pass (default: --batch-size; on CPU 1 is often fastest)")
     pr.add_argument("--concurrency", type=int, help="model actors")
     pr.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels than this")
     pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
@@ -148,10 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve models over HTTP with Ray Serve")
     sv.add_argument("config", help="configs/serve/*.yaml (the Serve config format)")
     sv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the config")
-    sv.add_argument("--host")
-    sv.add_argument("--port", type=int)
+    sv.add_argument("--host", help="listen address (default 127.0.0.1; anything else wants a bearer token)")
+    sv.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     sv.set_defaults(func=cmd_serve)
+
+    sb = sub.add_parser("submit", help="run `genray train` / `genray process` as a job on a Ray cluster",
+                        description="Submit `genray train ARGS` or `genray process ARGS` to a Ray cluster through the "
+                        "Jobs API, ship the working directory with it, stream its logs and exit with its status. "
+                        "Credentials are not shipped: the cluster's nodes hold them. Sends the token from "
+                        "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH when set.")
+    sb.add_argument("--address", help="the head's dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
+    sb.add_argument("--working-dir", default=".", help="directory shipped with the job; holds jobs/ and the config")
+    sb.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret environment variable for the job")
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following it")
+    sb.add_argument("--submission-id", help="job id to use (default: one Ray picks)")
+    sb.add_argument("job", choices=("train", "process"))
+    sb.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `genray train` / `genray process`")
+    sb.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs").add_subparsers(
+        dest="jobs_verb", required=True)
+    for name, text in (("list", "every job on the cluster"), ("status", "a job's status"),
+                       ("logs", "a job's logs"), ("stop", "stop a running job")):
+        jp = jobs.add_parser(name, help=text)
+        if name != "list":
+            jp.add_argument("job_id")
+        if name == "logs":
+            jp.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        jp.add_argument("--address", help="the head's dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
+        jp.set_defaults(func=cmd_jobs)
 
     de = sub.add_parser("demo", help="train -> bulk job over a local S3 server -> serve -> HTTP request")
     de.add_argument("--workdir", default="genray-demo-output", help="local copy of what the demo made")
@@ -170,6 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"genray: error: {err}", file=sys.stderr)
         return 2
+
+
+def job_main(verb: str, argv: list[str] | None, smoke_test_args) -> int:
+    """The `jobs/<verb>.py` entry points: `genray <verb> ARGS`, or with --smoke-test the arguments that
+    `smoke_test_args(rest)` makes (after writing its data) for a seeded tiny run."""
+    from genray.runtime import prepare_local_env
+
+    prepare_local_env()  # before anything imports ray
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke-test" in argv:
+        argv.remove("--smoke-test")
+        argv = smoke_test_args(argv)
+    return main([verb, *argv])
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class ScalingParams(Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     # Extra entries for the TorchTrainer placement, e.g. {"node_a": 1} to pin workers in tests.
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # How Ray Train places the workers' bundles: PACK (fewest nodes, fastest all-reduce) or SPREAD (one per node
+    # where possible, so losing a node loses fewer workers); the STRICT_ forms fail instead of falling back.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class TrainConfig(Strict):
@@ -167,7 +170,10 @@ class ProcessConfig(Strict):
     style_image_uri: str | None = None
     tile: int = Field(default=512, ge=32)  # images larger than this are processed in overlapping tiles
     tile_overlap: int = Field(default=16, ge=0)
-    batch_size: int = Field(default=8, gt=0)  # images per model call in each actor
+    batch_size: int = Field(default=8, gt=0)  # images per model call in each actor (and per read/write task)
+    # Images (or tiles) per forward pass inside a model call; None: batch_size. On CPU 1 is often fastest (a small
+    # batch's activations stay in cache); on a GPU larger batches are.
+    forward_batch_size: int | None = Field(default=None, gt=0)
     concurrency: int = Field(default=1, gt=0)  # model actors
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap, checked from the header
@@ -192,29 +198,150 @@ class ProcessConfig(Strict):
         return self
 
 
-class ModelServeConfig(Strict):
-    """One model deployment of the Serve app."""
+# --- serving: configs/serve/*.yaml, read by `genray serve` and by Ray's own `serve run` / `serve deploy` -------
 
-    uri: str  # model artefact (local or s3://)
-    max_batch_size: int = Field(default=8, gt=0)  # dynamic batching: concurrent requests share a forward pass
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    num_replicas: int = Field(default=1, gt=0)
-    num_cpus: float = Field(default=0.5, gt=0)
-    tile: int = Field(default=512, ge=32)
+class AutoscalingOptions(Strict):
+    """Ray Serve's autoscaling_config for one deployment: the replica count follows the requests in flight."""
+
+    min_replicas: int = Field(default=1, ge=0)  # 0 scales to zero when idle; the next request waits for a cold start
+    max_replicas: int = Field(default=2, gt=0)
+    # Requests in flight per replica (running + waiting in the batcher) that Serve steers towards. None: one full
+    # batch, so a replica is added once batches are full and requests start waiting for the next one.
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
+    upscale_delay_s: float = Field(default=10.0, ge=0)  # load must stay above target this long to add a replica
+    downscale_delay_s: float = Field(default=120.0, ge=0)  # and below it this long to remove one (avoids flapping)
+    look_back_period_s: float = Field(default=30.0, gt=0)  # the window the in-flight average is taken over
+    # How often callers report their in-flight requests to Serve's controller (None: Ray's 10 s). Ray 2.60 marks
+    # the field deprecated in favour of future environment variables, but it is still what sets the period.
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        interval = self.metrics_interval_s or 10.0
+        if self.look_back_period_s <= interval:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be longer than the metrics "
+                             f"interval ({interval} s): the average needs more than one report")
+        return self
+
+
+class DeploymentOptions(Strict):
+    """How one model deployment runs: dynamic batching, replicas, resources, and its bounded request queue."""
+
+    max_batch_size: int = Field(default=8, gt=0)  # dynamic batching: concurrent requests share one forward pass
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)  # how long a partial batch waits for more requests
+    num_replicas: int | None = Field(default=None, gt=0)  # a fixed count; None: 1, or `autoscaling` if given
+    autoscaling: AutoscalingOptions | None = None  # replicas follow the load (instead of num_replicas)
+    num_cpus: float = Field(default=0.5, gt=0)  # Ray's CPU reservation per replica
+    num_gpus: float = Field(default=0, ge=0)  # per replica; a replica that gets a GPU runs its model there
+    # torch intra-op threads per replica. None: Ray's OMP_NUM_THREADS for the actor (num_cpus rounded down, >= 1).
+    num_threads: int | None = Field(default=None, gt=0)
+    # Requests a replica holds at once. None: two batches (one running, the next one filling meanwhile).
+    max_ongoing_requests: int | None = Field(default=None, gt=0)
+    # Requests waiting for a free replica slot, per caller; beyond that the caller gets 503 (or 429) at once
+    # instead of an ever longer wait. Always bounded: an unbounded queue turns overload into timeouts.
+    max_queued_requests: int = Field(default=32, gt=0)
+    tile: int = Field(default=512, ge=32)  # larger images go through the model in overlapping tiles
     tile_overlap: int = Field(default=16, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas_and_batches(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give num_replicas (fixed) or autoscaling, not both")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size "
+                             f"({self.max_batch_size}) would never let a batch fill up")
+        return self
+
+    @property
+    def ongoing_limit(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+
+class ModelServeConfig(DeploymentOptions):
+    """One model artefact as one deployment. Its routes follow the artefact's task: image models answer
+    POST /<name>, generators GET /generate/<name> (VAEs also /vae/<name>/...), classifiers POST /classify/<name>."""
+
+    uri: str  # model artefact (local or s3://), as written by `genray train`
+
+
+class StylePoolConfig(DeploymentOptions):
+    """POST /style/<style>: fast style networks multiplexed over one pool of replicas (Serve model multiplexing);
+    each replica loads the styles it is asked for on demand and keeps the most recently used ones."""
+
+    uris: dict[str, str] = Field(min_length=1)  # style name -> style_net artefact (local or s3://)
+    max_styles_per_replica: int = Field(default=4, gt=0)  # loaded styles kept per replica (least recently used go)
+
+    @field_validator("uris")
+    @classmethod
+    def _style_names(cls, uris: dict[str, str]) -> dict[str, str]:
+        for name in uris:
+            _check_route_name(name, reserved=False)
+        return uris
+
+
+class GatewayOptions(Strict):
+    """The FastAPI ingress: checks the token, validates and decodes uploads, then calls the model deployments."""
+
+    num_replicas: int = Field(default=1, gt=0)
+    num_cpus: float = Field(default=0.25, gt=0)  # decoding uploads is its only real work
+    # Far above what the models accept, so the models' own bounded queues decide which requests get 503.
+    max_ongoing_requests: int = Field(default=512, gt=0)
+    max_queued_requests: int = Field(default=256, gt=0)  # waiting at the HTTP proxy; beyond that Serve answers 503
+
+
+# Endpoint and style names are URL path segments; these are the gateway's own first segments.
+_RESERVED_ROUTE_NAMES = ("models", "docs", "redoc", "openapi.json", "style", "generate", "vae", "classify", "-")
+
+
+def _check_route_name(name: str, reserved: bool = True) -> None:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+        raise ValueError(f"{name!r}: names are URL path segments: lower-case letters, digits, '_', '.', '-'")
+    if reserved and name in _RESERVED_ROUTE_NAMES:
+        raise ValueError(f"{name!r} is one of the gateway's own routes ({', '.join(_RESERVED_ROUTE_NAMES)})")
 
 
 class ServeAppConfig(Strict):
     """`args` of the genray application in a Serve config file (configs/serve/*.yaml)."""
 
-    models: dict[str, ModelServeConfig]  # endpoint name -> model; image models answer POST /<name>
+    models: dict[str, ModelServeConfig] = Field(default_factory=dict)  # endpoint name -> artefact
+    styles: StylePoolConfig | None = None  # POST /style/<style>, multiplexed
+    gateway: GatewayOptions = GatewayOptions()
     max_body_bytes: int = Field(default=20_000_000, gt=0)  # larger uploads get 413
     max_pixels: int = Field(default=16_000_000, gt=0)  # larger decoded images get 413 (checked from the header)
+    max_output_pixels: int = Field(default=64_000_000, gt=0)  # 413 when e.g. x4 super-resolution would exceed it
+    max_images: int = Field(default=64, gt=0)  # cap on n for /generate and steps for /vae/.../interpolate
+    # The gateway waits this long for a model's answer, then answers 504 and cancels the request.
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    overload_status_code: Literal[503, 429] = 503  # the answer when a bounded queue is full
+    retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After header on those answers (None: none)
+    # Bearer token: never in this file. The ingress reads it from $GENRAY_SERVE_TOKEN, else from the file named by
+    # $GENRAY_SERVE_TOKEN_FILE, else from token_file (e.g. a mounted Kubernetes secret). No token: no check.
+    token_file: str | None = None
+    require_token: bool = False  # refuse to start when no token is found (set it for anything off loopback)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelServeConfig]) -> dict[str, ModelServeConfig]:
+        for name in models:
+            _check_route_name(name)
+        return models
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> "ServeAppConfig":
+        if not self.models and self.styles is None:
+            raise ValueError("nothing to serve: give `models`, `styles` or both")
+        return self
 
 
 class HttpOptions(Strict):
-    host: str = "127.0.0.1"  # loopback unless a cluster config says otherwise
+    host: str = "127.0.0.1"  # loopback unless a cluster config says otherwise (then set a token too)
     port: int = Field(default=8000, ge=0, le=65535)
+    # Serve's own end-to-end limit at the HTTP proxy (answered 408); None leaves it to the gateway's 504.
+    request_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class ServeApplication(Strict):

@@ -202,3 +202,93 @@ def style_model_uri(s3_server) -> str:
     """An untrained tiny fast style network artefact in S3."""
     storage.ensure_bucket("s3://genray-test-models")
     return save_untrained_artifact("s3://genray-test-models/style-tiny", "style_net")
+
+
+# -- Serve: every servable family as an untrained tiny artefact, and one app serving them all -----------------
+
+@pytest.fixture(scope="session")
+def serve_zoo_uris(s3_server, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """{"models": endpoint name -> artefact, "styles": style name -> artefact}: untrained tiny artefacts of every
+    family the Serve app routes. Image models and styles in S3, the rest on local disk (both kinds of URI load);
+    styles differ by seed, so each one's output differs."""
+    storage.ensure_bucket("s3://genray-test-models")
+    s3, local = "s3://genray-test-models/serve-zoo", tmp_path_factory.mktemp("serve-zoo")
+    models = {
+        "denoise": save_untrained_artifact(f"{s3}/photo_denoiser", "photo_denoiser"),
+        "superres": save_untrained_artifact(f"{s3}/srgan", "srgan"),
+        "digits-ae": save_untrained_artifact(f"{s3}/dense_ae", "dense_ae"),
+        "digits-gan": save_untrained_artifact(str(local / "dcgan"), "dcgan"),
+        "digits-vae": save_untrained_artifact(str(local / "vae"), "vae"),
+        "digits-classifier": save_untrained_artifact(str(local / "sae_classifier"), "sae_classifier"),
+    }
+    styles = {name: save_untrained_artifact(f"{s3}/style-{name}", "style_net", seed=seed)
+              for seed, name in enumerate(("a", "b", "c"))}
+    return {"models": models, "styles": styles}
+
+
+@pytest.fixture(scope="module")
+def serve_zoo(serve_http, serve_zoo_uris):
+    """One app serving every family under /zoo, for one test module (its replicas hold CPU that Ray Train
+    workers of later modules need). Yields (base URL, the app's args)."""
+    from ray import serve
+
+    from genray.serving.app import build_app
+
+    small = {"num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+    args = {
+        "models": {name: {"uri": uri, **small} for name, uri in serve_zoo_uris["models"].items()},
+        "styles": {"uris": serve_zoo_uris["styles"], "max_styles_per_replica": 2, **small},
+        "gateway": {"num_cpus": 0.05},
+        "max_body_bytes": 2_000_000,
+        "max_pixels": 1_000_000,
+        "max_output_pixels": 4_000_000,
+        "max_images": 32,
+    }
+    serve.run(build_app(args), name="zoo", route_prefix="/zoo")
+    yield f"{serve_http}/zoo", args
+    serve.delete("zoo")
+
+
+# -- a real multi-node Ray on this host (cluster/local/ray_local.py), apart from the session's local Ray --------
+
+def load_ray_local():
+    """cluster/local/ray_local.py as a module (it is a script, not part of the genray package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "cluster" / "local" / "ray_local.py"
+    spec = importlib.util.spec_from_file_location("ray_local", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(s3_server):
+    """A head (0 CPUs: job drivers and Ray's own services) and 2 worker nodes (1 CPU and {"worker_slot": 1} each)
+    as separate process trees, with token auth and the Jobs API on 127.0.0.1. Started after the S3 env is set, so
+    every node has the S3 credentials in its environment. This test process never ray.init()s it: tests reach it
+    through the Jobs API and subprocess drivers only. Yields a ray_local.LocalCluster."""
+    import shutil
+
+    ray_local = load_ray_local()
+    cluster_dir = tempfile.mkdtemp(prefix="grc-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        ray_local.start(cluster_dir, workers=2, head_cpus=0, worker_cpus=1, worker_resources={"worker_slot": 1})
+        cluster = ray_local.LocalCluster(cluster_dir)
+        yield cluster
+        cluster.stop(force=True)  # nothing to drain in a throwaway cluster
+    finally:
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(multinode_cluster):
+    """Per test: 2 live worker nodes to start from (a node-loss test may have left other ones); jobs a failed test
+    left running are stopped afterwards, so they do not hold the cluster's CPUs."""
+    multinode_cluster.ensure_workers(2)
+    yield multinode_cluster
+    client = multinode_cluster.jobs_client()
+    for job in client.list_jobs():
+        if not job.status.is_terminal():
+            client.stop_job(job.submission_id)

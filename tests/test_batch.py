@@ -59,7 +59,7 @@ def test_denoise_job_outputs_manifest_errors_and_rerun_skips(ray_local, tiny_mod
     assert decode_image(storage.read_bytes(f"{out}/photo.png"), channels=None).shape == (30, 41, 3)
     table = read_manifest_table(out)
     assert table.column_names == ["input_key", "output_key", "status", "error", "input_etag", "model_digest",
-                                  "width", "height", "seconds"]
+                                  "width", "height", "seconds", "node_id"]
     rows = {r["input_key"]: r for r in table.to_pylist()}
     assert len(rows) == table.num_rows == 9  # one row per input
     assert rows["sub/digit0.png"]["output_key"] == "sub/digit0.png"

@@ -227,3 +227,13 @@ def test_process_config_validates_and_refuses_typos(tmp_path):
         load_config(_write(tmp_path, {**good, "tile_overlapp": 8}, "typo.yaml"), cls=ProcessConfig)
     with pytest.raises(ConfigError, match="task: Input should be"):
         load_config(_write(tmp_path, {**good, "task": "deblur"}, "task.yaml"), cls=ProcessConfig)
+
+
+def test_placement_strategy_reaches_ray_train(tmp_path):
+    """scaling.placement_strategy is handed to Ray Train's ScalingConfig; a typo is refused by the config."""
+    from genray.training.trainer import build_trainer
+
+    cfg = load_config(TINY, ["scaling.placement_strategy=SPREAD", f"output_uri={tmp_path / 'run'}"])
+    assert build_trainer(cfg).scaling_config.placement_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match=r"scaling\.placement_strategy"):
+        load_config(TINY, ["scaling.placement_strategy=SPREADD"])

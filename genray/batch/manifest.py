@@ -25,6 +25,7 @@ SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("seconds", pa.float64()),
+    ("node_id", pa.string()),  # the Ray node whose model actor made the row (None: refused before any work)
 ])
 COLUMNS = SCHEMA.names
 

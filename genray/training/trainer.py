@@ -54,6 +54,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             # Same name + same storage = resume from the latest checkpoint (Ray Train V2's rule).
