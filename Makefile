@@ -13,5 +13,5 @@ test: setup
 test-slow: setup
 	GENRAY_SLOW=1 .venv/bin/python -m pytest -q
 
-bench: setup
-	@for script in benchmarks/*.py; do echo "== $$script"; .venv/bin/python $$script || exit 1; done
+bench: setup  # benchmarks/_*.py are helper modules, not benchmarks
+	@for script in benchmarks/[!_]*.py; do echo "== $$script"; .venv/bin/python $$script || exit 1; done

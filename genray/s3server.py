@@ -1,6 +1,7 @@
 """A local S3-compatible endpoint for the demo and the tests: moto's server mode on 127.0.0.1.
 
-moto keeps buckets in memory (a restart loses them) and accepts any credentials; pause() simulates an outage.
+moto keeps buckets in memory (a restart loses them) and accepts any credentials; pause() simulates an outage and
+set_latency() a remote store's per-request latency (loopback answers in ~1 ms; a real object store in tens of ms).
 """
 from __future__ import annotations
 
@@ -27,7 +28,24 @@ except (OSError, AttributeError):
     pass  # not Linux: rely on stop()
 if os.getppid() != int(sys.argv[1]):
     sys.exit("parent exited before the server started")
-sys.argv = ["moto.server"] + sys.argv[2:]
+latency_file = sys.argv[2]
+if latency_file:  # every request first sleeps the milliseconds written in this file (read per request)
+    import time
+    import werkzeug.serving
+
+    def delayed(app):
+        def handle(environ, start_response):
+            try:
+                with open(latency_file) as f:
+                    time.sleep(float(f.read() or 0) / 1000)
+            except (OSError, ValueError):
+                pass
+            return app(environ, start_response)
+        return handle
+
+    run_simple = werkzeug.serving.run_simple  # moto.server imports it by name: patch before it is run
+    werkzeug.serving.run_simple = lambda host, port, app, **kw: run_simple(host, port, delayed(app), **kw)
+sys.argv = ["moto.server"] + sys.argv[3:]
 runpy.run_module("moto.server", run_name="__main__", alter_sys=True)
 """
 
@@ -41,8 +59,12 @@ def _free_port(host: str) -> int:
 class LocalS3Server:
     """moto_server on 127.0.0.1 on a free port, with generated credentials."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, latency_ms: float | None = None):
+        """latency_ms: if given (even 0), every request waits that long before it is handled, and set_latency()
+        changes it while the server runs (benchmarks: a loopback server hides what a remote store costs)."""
         self.host = host
+        self._latency_ms = latency_ms
+        self._latency_file = ""  # made by start(): the bootstrap reads it on every request
         self._fixed_port = port
         self.port = port or 0
         self._proc: subprocess.Popen | None = None
@@ -70,6 +92,9 @@ class LocalS3Server:
             return self
         self._log_dir = tempfile.TemporaryDirectory(prefix="genray-s3-")
         self.log_path = os.path.join(self._log_dir.name, "moto_server.log")
+        if self._latency_ms is not None:
+            self._latency_file = os.path.join(self._log_dir.name, "latency_ms")
+            self.set_latency(self._latency_ms)
         # Picking a free port then binding it later can race with another process; retry on a fresh port.
         attempts = 1 if self._fixed_port else 3
         for attempt in range(attempts):
@@ -88,7 +113,8 @@ class LocalS3Server:
         env.pop("AWS_ENDPOINT_URL", None)  # the server must not try to talk to another endpoint itself
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), "-H", self.host, "-p", str(self.port)],
+                [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), self._latency_file, "-H", self.host,
+                 "-p", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # own process group: Ctrl-C in a terminal does not hit it twice
             )
@@ -143,6 +169,14 @@ class LocalS3Server:
         if self._log_dir is not None:
             self._log_dir.cleanup()
             self._log_dir = None
+
+    def set_latency(self, ms: float) -> None:
+        """Delay every request from now on by `ms` (the server must have been made with latency_ms)."""
+        if not self._latency_file:
+            raise RuntimeError("set_latency needs LocalS3Server(latency_ms=...)")
+        self._latency_ms = ms
+        with open(self._latency_file, "w") as f:
+            f.write(str(ms))
 
     def pause(self) -> None:
         """SIGSTOP the server: connections hang as in a network outage."""

@@ -53,7 +53,8 @@ def test_superres_job_is_x4_and_tiling_matches_untiled(ray_local, sr_model_uri, 
     _upload(f"{s3_bucket}/in", images)
     whole = ProcessConfig(task="superres", input_uri=f"{s3_bucket}/in", output_uri=f"{s3_bucket}/whole",
                           model_uri=sr_model_uri, tile=512)
-    tiled = whole.model_copy(update={"output_uri": f"{s3_bucket}/tiled", "tile": 40, "tile_overlap": 16})
+    tiled = whole.model_copy(update={"output_uri": f"{s3_bucket}/tiled", "tile": 40, "tile_overlap": 16,
+                                    "forward_batch_size": 1})  # one tile per forward pass
     assert run_process_job(whole).counts == {"ok": 3, "skipped": 0, "error": 0}
     assert run_process_job(tiled).counts == {"ok": 3, "skipped": 0, "error": 0}
 

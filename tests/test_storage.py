@@ -359,3 +359,27 @@ def test_server_pause_resume_and_stop_is_idempotent(monkeypatch):
         server.pause()  # stop() must also end a paused server
     assert _process_state(pid) in ('', 'Z')
     server.stop()
+
+
+def test_server_latency_delays_each_request_and_can_change(monkeypatch):
+    """LocalS3Server(latency_ms=...) delays every request (what benchmarks use to stand in for a remote store)."""
+    import time
+
+    with LocalS3Server(latency_ms=0) as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        storage.ensure_bucket("s3://genray-latency")
+        uri = "s3://genray-latency/x.bin"
+        storage.write_bytes(uri, b"x")
+
+        def read_seconds() -> float:
+            started = time.perf_counter()
+            assert storage.read_bytes(uri) == b"x"
+            return time.perf_counter() - started
+
+        quick = min(read_seconds() for _ in range(3))
+        server.set_latency(300)
+        slow = min(read_seconds() for _ in range(3))
+        assert slow >= 0.3 > quick, (quick, slow)
+    with pytest.raises(RuntimeError, match="latency_ms"):
+        LocalS3Server().set_latency(10)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import math
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -27,6 +29,8 @@ from genray.images import ImageError, decode_image, encode_png
 FLUSH_ROWS = 500  # manifest part size ...
 FLUSH_SECONDS = 30.0  # ... or age, whichever comes first: bounds what a crash can lose
 PROGRESS_SECONDS = 10.0  # a progress line at most this often
+IO_THREADS = 8  # per model actor: the reads (and writes) of one batch in flight at once
+ACTOR_START_TIMEOUT_S = 600
 
 
 class JobError(RuntimeError):
@@ -100,7 +104,7 @@ def plan(cfg: ProcessConfig, digest: str) -> tuple[list[dict[str, Any]], list[di
         except storage.UnsafeKeyError as err:
             refused.append({"input_key": obj.key, "output_key": None, "status": "error", "error": str(err),
                             "input_etag": obj.etag, "model_digest": digest, "width": None, "height": None,
-                            "seconds": 0.0})
+                            "seconds": 0.0, "node_id": None})
             continue
         prev = done.get(obj.key)
         if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
@@ -132,38 +136,47 @@ class ProcessImages:
             self.predictor = GatysStylizer(self.cfg)
         else:
             self.predictor = Predictor.from_uri(self.cfg.model_uri, tile=self.cfg.tile,
-                                                tile_overlap=self.cfg.tile_overlap, batch_size=self.cfg.batch_size)
+                                                tile_overlap=self.cfg.tile_overlap,
+                                                batch_size=self.cfg.forward_batch_size or self.cfg.batch_size)
         if self.predictor.digest != digest:  # the artefact (or style image) was replaced after the job was planned
             raise JobError(f"{self.cfg.model_uri or self.cfg.style_image_uri}: changed while the job was starting")
         self.digest = digest
+        self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="genray-io")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         started = time.perf_counter()
         rows = [{k: batch[k][i] for k in ("input_key", "input_uri", "input_etag", "output_key")}
                 for i in range(len(batch["input_key"]))]
-        results: list[dict[str, Any]] = []
-        good: list[tuple[dict[str, Any], np.ndarray]] = []
-        for row in rows:  # [1] read + decode; a bad file is an error row
-            try:
-                image = decode_image(storage.read_bytes(row["input_uri"]), channels=None, max_pixels=self.cfg.max_pixels)
-                good.append((row, image))
-            except (ImageError, storage.StorageError) as err:
-                results.append(self._row(row, "error", str(err)))
+        # [1] read + decode, all of the batch's objects at once: a remote store's latency is paid once per batch,
+        # not once per image. A bad file is an error row.
+        decoded = list(self.io.map(self._read, rows))
+        results = [self._row(row, "error", got) for row, got in zip(rows, decoded) if isinstance(got, str)]
+        good = [(row, got) for row, got in zip(rows, decoded) if not isinstance(got, str)]
         outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])  # [2]
-        for (row, image), out in zip(good, outputs):  # [3] encode + write under the same relative key
-            h, w = image.shape[:2]
-            if isinstance(out, Exception):
-                results.append(self._row(row, "error", f"model failed: {out}", w, h))
-                continue
-            try:
-                storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), encode_png(out))
-                results.append(self._row(row, "ok", None, w, h))
-            except storage.StorageError as err:
-                results.append(self._row(row, "error", str(err), w, h))
+        # [3] encode + write under the same relative key, again concurrently (Pillow and sockets release the GIL).
+        results += self.io.map(self._write, good, outputs)
         per_image = (time.perf_counter() - started) / max(len(rows), 1)
         for r in results:
             r["seconds"] = per_image
         return {c: [r[c] for r in results] for c in manifest.COLUMNS}
+
+    def _read(self, row: dict[str, Any]) -> np.ndarray | str:
+        try:
+            return decode_image(storage.read_bytes(row["input_uri"]), channels=None, max_pixels=self.cfg.max_pixels)
+        except (ImageError, storage.StorageError) as err:
+            return str(err)
+
+    def _write(self, item: tuple[dict[str, Any], np.ndarray], out: np.ndarray | Exception) -> dict[str, Any]:
+        row, image = item
+        h, w = image.shape[:2]
+        if isinstance(out, Exception):
+            return self._row(row, "error", f"model failed: {out}", w, h)
+        try:
+            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), encode_png(out))
+            return self._row(row, "ok", None, w, h)
+        except storage.StorageError as err:
+            return self._row(row, "error", str(err), w, h)
 
     def _predict(self, images: list[np.ndarray], names: list[str]) -> list[np.ndarray | Exception]:
         """One batched call for the whole batch (the Predictor batches tiles of all images together)."""
@@ -184,13 +197,19 @@ class ProcessImages:
     def _row(self, row, status, error, width=None, height=None) -> dict[str, Any]:
         return {"input_key": row["input_key"], "output_key": row["output_key"] if status == "ok" else None,
                 "status": status, "error": error, "input_etag": row["input_etag"], "model_digest": self.digest,
-                "width": width, "height": height, "seconds": 0.0}
+                "width": width, "height": height, "seconds": 0.0, "node_id": self.node_id}
 
 
 def actor_cpus(cfg: ProcessConfig) -> float:
     """CPUs per model actor: as configured, but leave room for Ray Data's own tasks on a small cluster."""
     total = ray.cluster_resources().get("CPU", 1.0)
     return max(0.25, min(cfg.cpus_per_actor, (total - 0.5) / cfg.concurrency))
+
+
+def actor_threads(cpus: float) -> int:
+    """torch threads of a model actor granted `cpus` (1.5 CPUs -> 2 threads: the half CPU kept for Ray Data's own
+    tasks is mostly idle)."""
+    return max(1, math.ceil(round(cpus, 6)))
 
 
 def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSummary:
@@ -218,15 +237,30 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     summary.errors += [(r["input_key"], r["error"]) for r in refused[:10]]
     if todo:
         cpus = actor_cpus(cfg)
+        # Start every model actor before any data flows (Ray Data otherwise starts them in the background and the
+        # first one ready takes the work, leaving the others idle on a short job); long enough for an autoscaling
+        # cluster to add a node, after which a pool that cannot be placed fails with Ray's reason.
+        ctx = ray.data.DataContext.get_current()
+        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+        # Hand each batch to the least busy actor rather than to one on the node that holds the batch: the inputs
+        # are small next to the model's work, and locality piles a short job onto a single actor.
+        ctx.execution_options.actor_locality_enabled = False
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if cfg.concurrency * cpus > total:
+            log(f"[genray] {cfg.concurrency} model actors x {cpus:g} CPUs do not fit in the cluster's {total:g} CPUs "
+                f"now: waiting up to {ACTOR_START_TIMEOUT_S} s for more nodes (lower --concurrency otherwise)")
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 64)))
         ds = ds.map_batches(
             udf,
             fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
-                                   "num_threads": max(1, int(cpus))},
+                                   "num_threads": actor_threads(cpus)},
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=cpus,
+            # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
+            # loses fewer of them (the manifest's node_id column shows where each image ran).
         )
+
         progress = Progress(len(todo), log)
         try:
             for row in ds.iter_rows():
