@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from genray import storage
 from genray.images import encode_png
@@ -49,7 +48,6 @@ def wait_until(predicate, what: str, timeout: float, job=None, poll: float = 0.2
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-@pytest.mark.slow
 def test_training_resumes_after_losing_a_worker_node(ray_cluster, digits_uri, s3_bucket):
     out = f"{s3_bucket}/train"
     epochs = 16

@@ -37,7 +37,6 @@ def demo_config(tmp_path: Path, zoo: dict, port: int) -> Path:
     return path
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", ["genray serve", "serve run"])
 def test_demo_config_serves_every_family(command, serve_zoo_uris, tmp_path):
     port, token = free_port(), "demo-token"
