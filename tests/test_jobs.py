@@ -69,7 +69,6 @@ def test_process_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):
     assert per_node == set(ray_cluster.workers())
 
 
-@pytest.mark.slow
 def test_train_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):
     out = f"{s3_bucket}/smoke"
     r = ray_job_submit(ray_cluster, "python", "jobs/train.py", "--smoke-test", "--output", out)
@@ -78,7 +77,6 @@ def test_train_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):
     assert storage.exists(f"{out}/model/model.json")
 
 
-@pytest.mark.slow
 def test_serve_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):
     r = ray_job_submit(ray_cluster, "python", "jobs/serve.py", "--smoke-test", "--port", str(free_port()),
                        "--output", f"{s3_bucket}/serve-smoke")

@@ -134,7 +134,6 @@ def test_submit_train_to_a_multinode_cluster(ray_cluster, digits_uri, s3_bucket,
         "the cluster requires a token; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
 
 
-@pytest.mark.slow
 def test_a_failing_job_exits_with_its_status(ray_cluster):
     """The job's own exit code comes back: here `genray train` inside the job refuses a missing output bucket."""
     r = genray("submit", "train", TINY, "--output", "s3://genray-no-such-bucket/run", env=ray_cluster.client_env())
