@@ -126,7 +126,7 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -192,7 +192,7 @@ class TreeMemory:
         self.peak_rss_kb = max(self.peak_rss_kb, sum(status_kb(p, "VmRSS") for p in pids))
         self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(p) for p in pids))
         for pid in pids:
-            if pid in self._marked or self.marker in _cmdline(pid):
+            if pid in self._marked or self.marker in cmdline(pid):
                 self._marked.add(pid)
                 self.peak_marked_kb = max(self.peak_marked_kb, status_kb(pid, "VmHWM"))
         self.num_marked = len(self._marked)

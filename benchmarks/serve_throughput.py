@@ -43,44 +43,21 @@ import torch  # noqa: E402
 
 from genray.images import decode_image, encode_png  # noqa: E402
 
-SRRESNET = {"num_features": 32, "num_blocks": 8}
+if __package__:  # imported as benchmarks.serve_throughput
+    from benchmarks import _common as common
+else:  # run as a script: benchmarks/ is sys.path[0]
+    import _common as common
+
+log = common.log
 SIDE = 64  # input side; outputs are 4x
 BATCH = 8
 TARGETS = {"serve_vs_raw": 0.7, "serve_vs_uvicorn": 1.5}
-
-
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def save_srresnet(uri: str) -> None:
-    from genray.artifacts import save_artifact
-    from genray.models import get_spec
-
-    spec = get_spec("srgan")
-    cfg = spec.config_cls(**SRRESNET)
-    torch.manual_seed(0)
-    save_artifact(uri, spec, cfg, spec.build(cfg).eval(), {}, extra={"note": "random init, benchmark only"})
-
-
-def photo_crops(count: int, seed: int = 0) -> list[np.ndarray]:
-    """`count` uint8 (SIDE, SIDE, 3) crops of the embedded photos at random corners."""
-    from genray.datasets import load_embedded
-
-    photos, _, _ = load_embedded("photos")
-    rng = np.random.default_rng(seed)
-    crops = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - SIDE + 1), rng.integers(0, photo.shape[1] - SIDE + 1)
-        crops.append(np.ascontiguousarray(photo[y:y + SIDE, x:x + SIDE]))
-    return crops
 
 
 # -- [1] raw batched forward ------------------------------------------------------------------------------------
@@ -186,26 +163,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def serve_pids() -> list[int]:
     """This run's Serve request path: the HTTP proxy and every replica (gateway, model), below this process."""
-    parents, titles = {}, {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    titles[int(entry)] = f.read().decode(errors="replace")
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                pass
-
-    def mine(pid: int) -> bool:
-        while pid > 1:
-            if pid == os.getpid():
-                return True
-            pid = parents.get(pid, 0)
-        return False
-
-    return [pid for pid, title in titles.items()
-            if ("ServeReplica:" in title or "ProxyActor" in title) and mine(pid)]
+    return [pid for pid in common.descendants(os.getpid(), exclude=set())
+            if "ServeReplica:" in (title := common.cmdline(pid)) or "ProxyActor" in title]
 
 
 def check_answer(url: str, payload: bytes) -> None:
@@ -300,8 +259,8 @@ def main() -> None:
     servers: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="genray-serve-bench-") as tmp:
         model_uri = str(Path(tmp) / "srresnet")
-        save_srresnet(model_uri)
-        images = photo_crops(64)
+        common.save_srresnet(model_uri)
+        images = list(common.lr_crops(64, SIDE))
         payloads = [encode_png(im) for im in images]
         predictor = load_predictor(model_uri)
         try:
