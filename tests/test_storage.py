@@ -1,6 +1,7 @@
 """genray.storage against a real moto S3 server on 127.0.0.1 and against local directories."""
 import os
 import socket
+import time
 
 import boto3
 import pyarrow as pa
@@ -351,6 +352,10 @@ def test_server_pause_resume_and_stop_is_idempotent(monkeypatch):
             monkeypatch.setenv(key, value)
         storage.ensure_bucket("s3://genray-pause")
         server.pause()
+        # SIGSTOP lands asynchronously: a server busy on the other core may still read 'R' for a moment.
+        deadline = time.monotonic() + 5
+        while _process_state(server.pid) != 'T' and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _process_state(server.pid) == 'T'
         server.resume()
         storage.write_bytes("s3://genray-pause/k", b"v")
@@ -363,8 +368,6 @@ def test_server_pause_resume_and_stop_is_idempotent(monkeypatch):
 
 def test_server_latency_delays_each_request_and_can_change(monkeypatch):
     """LocalS3Server(latency_ms=...) delays every request (what benchmarks use to stand in for a remote store)."""
-    import time
-
     with LocalS3Server(latency_ms=0) as server:
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
