@@ -1,4 +1,4 @@
-"""The `genray` command: data export, train, process, serve, submit, jobs, demo. Every verb has --help."""
+"""The `genray` command: data export, train, eval, process, serve, submit, jobs, demo. Every verb has --help."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +12,14 @@ from genray.config import ConfigError
 # Errors a user can fix; printed as one line instead of a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from genray.artifacts import ArtifactError
+    from genray.evaluation import EvalError
     from genray.batch.pipeline import JobError
     from genray.images import ImageError
     from genray.storage import StorageError
     from genray.submit import SubmitError
     from genray.training.trainer import TrainingError
 
-    return (ConfigError, StorageError, ArtifactError, JobError, TrainingError, ImageError, SubmitError)
+    return (ConfigError, StorageError, ArtifactError, JobError, TrainingError, ImageError, SubmitError, EvalError)
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
@@ -127,6 +128,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return submit.stop_job(args.job_id, args.address)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from genray import storage
+    from genray.evaluation import evaluate_model, write_evaluation
+
+    evaluation = evaluate_model(args.model, args.data, task=args.task, sigma=args.sigma, num_samples=args.samples,
+                                reference_model=args.reference_model, train_data=args.train_data, limit=args.limit)
+    output = args.output or storage.join_uri(args.model, "eval", evaluation.task)
+    json_uri, md_uri = write_evaluation(evaluation, output)
+    if args.json:
+        print(json.dumps(evaluation.to_dict()))
+        return 0
+    print(f"[genray] {evaluation.task} evaluation of {evaluation.family} {args.model} on {args.data}\n")
+    print(evaluation.table())
+    print(f"\n[genray] wrote {json_uri} and {md_uri}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from genray.demo import run_demo
 
@@ -172,6 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dry-run", action="store_true", help="list what would be processed")
     pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     pr.set_defaults(func=cmd_process)
+
+    ev = sub.add_parser("eval", help="measure a model artefact on held-out images next to classical baselines",
+                        description="Prints and writes (eval.json, eval.md) an artefact's metrics on held-out images "
+                        "with baselines on the same images: superres vs bicubic/Lanczos (PSNR RGB and Y, SSIM), "
+                        "denoise vs the noisy input, non-local means and TV, generate as a Fréchet distance with "
+                        "the real-vs-real floor, classify vs logistic regression, reconstruct (negative ELBO) vs PCA.")
+    ev.add_argument("--model", required=True, help="model artefact URI (genray train's <output>/model)")
+    ev.add_argument("--data", required=True, help="held-out image prefix URI, e.g. s3://genray-data/photos/test/")
+    ev.add_argument("--task", choices=("superres", "denoise", "generate", "classify", "reconstruct"),
+                    help="default: the model's own task")
+    ev.add_argument("--sigma", type=float, help="denoise: Gaussian noise sigma in 0..255 (default: the model's)")
+    ev.add_argument("--samples", type=int, help="generate: samples per Fréchet distance (default 500)")
+    ev.add_argument("--reference-model", help="generate: another artefact (e.g. a VAE) measured the same way")
+    ev.add_argument("--train-data", help="classify/reconstruct: training images for the baselines to fit on")
+    ev.add_argument("--limit", type=int, help="only the first N held-out images (by key)")
+    ev.add_argument("--output", help="where eval.json and eval.md go (default: <model>/eval/<task>/)")
+    ev.add_argument("--json", action="store_true", help="print everything as one JSON object instead of the table")
+    ev.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="serve models over HTTP with Ray Serve")
     sv.add_argument("config", help="configs/serve/*.yaml (the Serve config format)")

@@ -19,7 +19,7 @@ from genray.images import decode_image, encode_png
 from conftest import free_port
 
 GENRAY = str(Path(sys.executable).with_name("genray"))
-VERBS = [[], ["data"], ["data", "export"], ["train"], ["process"], ["serve"], ["demo"]]
+VERBS = [[], ["data"], ["data", "export"], ["train"], ["eval"], ["process"], ["serve"], ["demo"]]
 
 
 def genray(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
