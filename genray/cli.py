@@ -1,4 +1,4 @@
-"""The `genray` command: data export, train, eval, process, serve, submit, jobs, demo. Every verb has --help."""
+"""The `genray` command: data export, train, eval, pipeline, process, serve, submit, jobs, demo. Every verb has --help."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[genray] warning: {warning}", file=sys.stderr, flush=True)
     init_ray(args.address)
     url = run_serve_config(cfg)
+    serve_until_stopped(url)
+    return 0
+
+
+def serve_until_stopped(url: str) -> None:
+    """Keep this driver (and so a local Ray with its Serve app) alive until Ctrl-C or SIGTERM."""
     print(f"[genray] serving at {url} (OpenAPI at {url}/docs, what is loaded at {url}/models); "
           "Ctrl-C or SIGTERM to stop", flush=True)
     stop = []
@@ -105,6 +111,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     serve.shutdown()
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    import os
+
+    from genray.pipeline import GateFailed, load_pipeline_config, run_pipeline
+    from genray.runtime import init_ray
+
+    cfg, train_cfg = load_pipeline_config(args.config, args.set)
+    init_ray(args.address)
+    try:
+        run = run_pipeline(cfg, train_cfg)
+    except GateFailed as err:
+        print(f"genray: {err}", file=sys.stderr)
+        return 1
+    serving = run.stages.get("serve")
+    # On a cluster the Serve app outlives this driver; a local Ray ends with it, so stay up unless told not to.
+    if serving and not args.exit_after_deploy and not (args.address or os.environ.get("RAY_ADDRESS")):
+        serve_until_stopped(serving["url"])
     return 0
 
 
@@ -210,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="where eval.json and eval.md go (default: <model>/eval/<task>/)")
     ev.add_argument("--json", action="store_true", help="print everything as one JSON object instead of the table")
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("pipeline", help="train -> eval -> quality gate -> bulk jobs -> serve, from one YAML",
+                        description="Runs configs/pipeline/*.yaml: trains (or reuses a finished run with the same "
+                        "config digest), evaluates against baselines, stops with a report if the quality gate fails, "
+                        "else runs the bulk jobs with the artefact and deploys it to Serve. Rerunning continues from "
+                        "the first unfinished stage. The report: <run_uri>/report/report.md. Exit status 1 when the "
+                        "gate fails.")
+    pl.add_argument("config", help="configs/pipeline/*.yaml")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the pipeline config")
+    pl.add_argument("--exit-after-deploy", action="store_true",
+                    help="return once deployed (a local Ray, and its Serve app, then stop with this command)")
+    pl.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pl.set_defaults(func=cmd_pipeline)
 
     sv = sub.add_parser("serve", help="serve models over HTTP with Ray Serve")
     sv.add_argument("config", help="configs/serve/*.yaml (the Serve config format)")

@@ -357,3 +357,78 @@ class ServeFileConfig(Strict):
     proxy_location: Literal["HeadOnly", "EveryNode", "Disabled"] = "HeadOnly"
     http_options: HttpOptions = HttpOptions()
     applications: list[ServeApplication] = Field(min_length=1)
+
+
+# -- genray pipeline: train -> eval -> gate -> bulk jobs -> serve, one YAML ------------------------------------
+
+GATE_OPERATORS = (">=", "<=", "==", ">", "<")  # two-character operators first, so '>=' is not read as '>'
+
+
+def parse_gate_condition(text: str) -> tuple[str, str, float]:
+    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', '>=', 0.5)."""
+    import re
+
+    match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
+    if not match:
+        raise ValueError(f"{text!r}: a gate condition is '<metric> <op> <number>' with op one of "
+                         f"{' '.join(GATE_OPERATORS)}, e.g. 'accuracy >= 0.95'")
+    return match[1], match[2], float(match[3])
+
+
+class PipelineEval(Strict):
+    """What `genray eval` runs on the trained artefact before the gate (see genray/evaluation.py)."""
+
+    data_uri: str  # held-out images, e.g. s3://genray-data/photos/test/
+    task: Literal["superres", "denoise", "generate", "classify", "reconstruct"] | None = None  # default: the model's
+    sigma: float | None = Field(default=None, gt=0)  # denoise: noise sigma in 0..255 (default: the model's)
+    num_samples: int | None = Field(default=None, gt=1)  # generate: samples per Fréchet distance
+    reference_model_uri: str | None = None  # generate: e.g. a VAE artefact, for fid_ratio_vs_vae
+    train_data_uri: str | None = None  # classify/reconstruct: training images for the baselines
+
+
+class PipelineBulkJob(Strict):
+    """One `genray process` job run with the trained artefact; `job` holds ProcessConfig's keys but model_uri."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    job: dict[str, Any]
+
+    @field_validator("job")
+    @classmethod
+    def _valid_process_config(cls, job: dict[str, Any]) -> dict[str, Any]:
+        if "model_uri" in job:
+            raise ValueError("model_uri is the pipeline's trained artefact; leave it out")
+        ProcessConfig.model_validate({**job, "model_uri": "<trained artefact>"})  # typos fail at load time
+        return job
+
+
+class PipelineServe(Strict):
+    """Deploy a Serve config with the trained artefact behind one of its `models` endpoints."""
+
+    config: str  # configs/serve/*.yaml (relative paths: to the working directory)
+    endpoint: str  # the entry of the first application's `models` whose uri becomes the trained artefact
+    overrides: list[str] = Field(default_factory=list)  # e.g. ["http_options.port=8123"]
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run_uri: str  # the pipeline's state (resume), eval results and report.md go here
+    train: str  # configs/train/*.yaml (relative paths: to the working directory)
+    train_overrides: list[str] = Field(default_factory=list)  # as `genray train --set`
+    eval: PipelineEval
+    gate: list[str] = Field(min_length=1)  # every condition must hold, e.g. "psnr_y_gain_over_bicubic_db >= 1.0"
+    bulk_jobs: list[PipelineBulkJob] = Field(default_factory=list)
+    serve: PipelineServe | None = None
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_conditions(cls, gate: list[str]) -> list[str]:
+        for condition in gate:
+            parse_gate_condition(condition)
+        return gate
+
+    @model_validator(mode="after")
+    def _unique_job_names(self) -> "PipelineConfig":
+        names = [job.name for job in self.bulk_jobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bulk job names must be unique, got {names}")
+        return self
