@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     sv.set_defaults(func=cmd_serve)
 
-    sb = sub.add_parser("submit", help="run `genray train` / `genray process` as a job on a Ray cluster",
-                        description="Submit `genray train ARGS` or `genray process ARGS` to a Ray cluster through the "
+    sb = sub.add_parser("submit", help="run `genray train|process|pipeline` as a job on a Ray cluster",
+                        description="Submit `genray train|process|pipeline ARGS` to a Ray cluster through the "
                         "Jobs API, ship the working directory with it, stream its logs and exit with its status. "
                         "Credentials are not shipped: the cluster's nodes hold them. Sends the token from "
                         "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH when set.")
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret environment variable for the job")
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following it")
     sb.add_argument("--submission-id", help="job id to use (default: one Ray picks)")
-    sb.add_argument("job", choices=("train", "process"))
-    sb.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `genray train` / `genray process`")
+    sb.add_argument("job", choices=("train", "process", "pipeline"))
+    sb.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `genray train|process|pipeline`")
     sb.set_defaults(func=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs").add_subparsers(

@@ -117,6 +117,19 @@ def export_dataset(name: str, to_uri: str, split: str | None = None) -> list[str
         return list(pool.map(write, items))
 
 
+def export_digits_sample(to_uri: str, num_train: int = 64, num_test: int = 16) -> str:
+    """The first num_train / num_test embedded digits under <to_uri>/{train,test}/<label>/ (smoke runs); returns
+    to_uri."""
+    budget = {"train": num_train, "test": num_test}
+    digits, _, keys = load_embedded("digits")
+    for image, key in zip(digits, keys):
+        split = key.split("/")[0]
+        if budget[split] > 0:
+            storage.write_bytes(storage.join_uri(to_uri, key), images.encode_png(image))
+            budget[split] -= 1
+    return to_uri
+
+
 def read_image_prefix(uri: str, channels: int | None = None,
                       limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Every image under a prefix, sorted by key, as (uint8 HWC images, keys relative to the prefix).

@@ -23,7 +23,7 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-
 # Names of variables that must never travel in runtime_env.
 SECRET_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
 SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.IGNORECASE)
-ENTRYPOINTS = {"train": "jobs/train.py", "process": "jobs/process.py"}
+ENTRYPOINTS = {"train": "jobs/train.py", "process": "jobs/process.py", "pipeline": "jobs/pipeline.py"}
 
 
 class SubmitError(RuntimeError):
@@ -160,6 +160,15 @@ def job_arguments(verb: str, args: list[str], working_dir: str) -> tuple[list[st
         overrides = list(ns.set or []) + ([f"output_uri={ns.output}"] if ns.output else [])
         cfg = load_config(ns.config, overrides)
         uris = {"output_uri": cfg.output_uri, "data.uri": cfg.data.uri}
+    elif verb == "pipeline":
+        from genray.pipeline import load_pipeline_config
+
+        cfg, train_cfg = load_pipeline_config(ns.config, ns.set)
+        for path in [cfg.train] + ([cfg.serve.config] if cfg.serve else []):  # read by the job, from what it ships
+            _relative_config(path, working_dir)
+        uris = {"run_uri": cfg.run_uri, "training output_uri": train_cfg.output_uri, "eval.data_uri":
+                cfg.eval.data_uri, **{f"bulk job {j.name} {k}": j.job.get(k) for j in cfg.bulk_jobs
+                                      for k in ("input_uri", "output_uri")}}
     else:
         cfg = process_config_from_args(ns)
         uris = {"--input": cfg.input_uri, "--output": cfg.output_uri, "--model": cfg.model_uri}

@@ -22,21 +22,13 @@ TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "den
 def smoke_test_args(argv: list[str]) -> list[str]:
     """`genray train` arguments for the smoke run (writing its data first); other arguments pass through."""
     from genray import storage
-    from genray.datasets import load_embedded
-    from genray.images import encode_png
+    from genray.datasets import export_digits_sample
 
     p = argparse.ArgumentParser(prog="jobs/train.py --smoke-test")
     p.add_argument("--output")
     args, rest = p.parse_known_args(argv)
     output = args.output or tempfile.mkdtemp(prefix="genray-smoke-train-")
-    data = storage.join_uri(output, "smoke-data")
-    images, _, keys = load_embedded("digits")
-    wanted = {"train": 64, "test": 16}
-    for image, key in zip(images, keys):
-        split = key.split("/")[0]
-        if wanted[split] > 0:
-            storage.write_bytes(storage.join_uri(data, key), encode_png(image))
-            wanted[split] -= 1
+    data = export_digits_sample(storage.join_uri(output, "smoke-data"))
     return [str(TINY_CONFIG), "--output", output, "--set", "name=smoke_denoise_ae", "--set", "train.epochs=1",
             "--set", f"data.uri={data}/train/", "--set", f"data.held_out_uri={data}/test/", *rest]
 

@@ -37,7 +37,7 @@ def ray_job_submit(cluster, *entrypoint: str, timeout: float = 900) -> subproces
                           env={**os.environ, **cluster.client_env()})
 
 
-@pytest.mark.parametrize("name", ["train", "process", "serve"])
+@pytest.mark.parametrize("name", ["train", "process", "serve", "pipeline"])
 def test_entry_points_are_importable_and_document_their_smoke_test(name):
     module = load_entry_point(name)
     assert callable(module.main)
@@ -75,6 +75,17 @@ def test_train_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "[genray] trained denoise_ae 'smoke_denoise_ae'" in r.stdout
     assert storage.exists(f"{out}/model/model.json")
+
+
+def test_pipeline_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):
+    out = f"{s3_bucket}/pipeline-smoke"
+    r = ray_job_submit(ray_cluster, "python", "jobs/pipeline.py", "--smoke-test", "--output", out)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "[pipeline] gate: psnr_gain_over_noisy_db >= 0.5: " in r.stdout and "-> pass" in r.stdout
+    stages = json.loads(storage.read_bytes(f"{out}/run/state.json"))["stages"]
+    assert {k: v["status"] for k, v in stages.items()} == {"train": "done", "eval": "done", "gate": "done",
+                                                            "bulk:digits": "done"}
+    assert stages["bulk:digits"]["counts"]["ok"] == 16
 
 
 def test_serve_smoke_test_through_ray_job_submit(ray_cluster, s3_bucket):

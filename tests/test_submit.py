@@ -48,6 +48,18 @@ def test_process_jobs_keep_their_flags_and_local_paths_are_warned_about():
     assert len(warnings) == 1 and warnings[0].startswith("--output /tmp/out is a local path")
 
 
+def test_pipeline_jobs_check_the_pipeline_and_its_training_config_before_submitting():
+    entrypoint, _, warnings = build_job("pipeline", [f"{REPO}/configs/pipeline/tiny_denoise.yaml",
+                                                     "--set", "eval.data_uri=/data/test/"], REPO)
+    assert entrypoint == "python jobs/pipeline.py configs/pipeline/tiny_denoise.yaml --set eval.data_uri=/data/test/"
+    assert warnings == ["eval.data_uri /data/test/ is a local path: on a cluster each node has its own disk (use s3://)"]
+    with pytest.raises(ConfigError, match="gate: .*'<metric> <op> <number>'"):
+        build_job("pipeline", ["configs/pipeline/tiny_denoise.yaml", "--set", "gate=['good enough']"], REPO)
+    with pytest.raises(ConfigError, match="train.epochz: unknown key"):
+        build_job("pipeline", ["configs/pipeline/tiny_denoise.yaml", "--set", "train_overrides=['train.epochz=3']"],
+                  REPO)
+
+
 def test_mistakes_fail_before_anything_is_submitted(tmp_path):
     with pytest.raises(ConfigError, match="train.lrr: unknown key"):
         build_job("train", [TINY, "--set", "train.lrr=1"], REPO)
