@@ -302,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def smoke_output(verb: str, argv: list[str]) -> tuple[str, list[str]]:
+    """For a jobs/<verb>.py --smoke-test: (--output, or a new temp dir; the other arguments)."""
+    import tempfile
+
+    p = argparse.ArgumentParser(prog=f"jobs/{verb}.py --smoke-test")
+    p.add_argument("--output")
+    args, rest = p.parse_known_args(argv)
+    return args.output or tempfile.mkdtemp(prefix=f"genray-smoke-{verb}-"), rest
+
+
 def job_main(verb: str, argv: list[str] | None, smoke_test_args) -> int:
     """The `jobs/<verb>.py` entry points: `genray <verb> ARGS`, or with --smoke-test the arguments that
     `smoke_test_args(rest)` makes (after writing its data) for a seeded tiny run."""

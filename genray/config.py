@@ -404,7 +404,9 @@ class PipelineBulkJob(Strict):
 class PipelineServe(Strict):
     """Deploy a Serve config with the trained artefact behind one of its `models` endpoints."""
 
-    config: str  # configs/serve/*.yaml (relative paths: to the working directory)
+    # configs/serve/*.yaml (relative paths: to the working directory); None: one app serving just this model with
+    # the default options on 127.0.0.1:8000 (tune it with overrides, e.g. applications.0.args.models.<endpoint>.*)
+    config: str | None = None
     endpoint: str  # the entry of the first application's `models` whose uri becomes the trained artefact
     overrides: list[str] = Field(default_factory=list)  # e.g. ["http_options.port=8123"]
 

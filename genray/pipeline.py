@@ -95,15 +95,17 @@ def load_pipeline_config(path: str, overrides: list[str] | None = None) -> tuple
 
 def serve_config_for(cfg: PipelineConfig, model_uri: str) -> ServeFileConfig:
     """The pipeline's Serve config file with the trained artefact behind its endpoint."""
-    data = read_yaml(cfg.serve.config)
+    source = cfg.serve.config or "the pipeline's serve section"
+    data = read_yaml(cfg.serve.config) if cfg.serve.config else {
+        "applications": [{"name": "genray", "args": {"models": {cfg.serve.endpoint: {"uri": model_uri}}}}]}
     for key, value in parse_overrides(cfg.serve.overrides):
         set_dotted(data, key, value)
     models = (data.get("applications") or [{}])[0].get("args", {}).get("models", {})
     if cfg.serve.endpoint not in models:
-        raise ConfigError(f"{cfg.serve.config}: the first application has no models entry "
+        raise ConfigError(f"{source}: the first application has no models entry "
                           f"{cfg.serve.endpoint!r} (has: {', '.join(models) or 'none'})")
     models[cfg.serve.endpoint]["uri"] = model_uri
-    return validate(ServeFileConfig, data, cfg.serve.config)
+    return validate(ServeFileConfig, data, source)
 
 
 def run_pipeline(cfg: PipelineConfig, train_cfg: TrainConfig, log: Callable[[str], None] = print) -> PipelineRun:
@@ -205,12 +207,16 @@ def _bulk_job(run: PipelineRun, job, model_uri: str, log) -> None:
 def _serve(run: PipelineRun, model_uri: str, log) -> None:
     import requests
 
+    from genray.artifacts import read_meta
     from genray.serving.deploy import run_serve_config
 
     serve_cfg = serve_config_for(run.cfg, model_uri)
-    log(f"[pipeline] serve: deploying {run.cfg.serve.config} with {model_uri} at /{run.cfg.serve.endpoint}")
+    log(f"[pipeline] serve: deploying {model_uri} at /{run.cfg.serve.endpoint}")
     base = run_serve_config(serve_cfg)
     health = requests.get(f"{base}/-/healthz", timeout=30)  # the ingress answers only once every model loaded
+    task = read_meta(model_uri).get("task")
+    # The gateway's routes by task (genray/serving/app.py): image models at /<name>, the others under a prefix.
+    route = {"generate": "generate/", "classify": "classify/"}.get(task, "") + run.cfg.serve.endpoint
     run.record("serve", digest_of({"serve": run.cfg.serve.model_dump(), "model": model_uri}), "done",
-               url=base, endpoint=f"{base}/{run.cfg.serve.endpoint}", healthz=health.status_code)
-    log(f"[pipeline] serve: {base}/{run.cfg.serve.endpoint} (healthz {health.status_code})")
+               url=base, endpoint=f"{base}/{route}", task=task, healthz=health.status_code)
+    log(f"[pipeline] serve: {base}/{route} (healthz {health.status_code})")

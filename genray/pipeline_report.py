@@ -80,8 +80,11 @@ def render(run, train_cfg: TrainConfig, images: dict[str, str]) -> str:
                          f"{_fmt(r.get('images_per_s'))} | `{r.get('manifest_uri', '')}` |")
     serve = stages.get("serve")
     if serve:
+        example = {"generate": f"curl '{serve['endpoint']}?n=16&seed=1' -o samples.png",
+                   "classify": f"curl --data-binary @digit.png {serve['endpoint']}"}.get(
+            serve.get("task"), f"curl --data-binary @image.png {serve['endpoint']} -o out.png")
         lines += ["", "## Serving", "", f"Endpoint: `{serve['endpoint']}` (health check {serve['healthz']}), e.g.",
-                  "", "```", f"curl --data-binary @image.png {serve['endpoint']} -o out.png", "```"]
+                  "", "```", example, "```"]
     lines += ["", "## Configuration", "", "Pipeline:", "", "```yaml",
               yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).strip(), "```", "",
               f"Training (`{cfg.train}` with its overrides):", "", "```yaml",

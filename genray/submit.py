@@ -164,7 +164,7 @@ def job_arguments(verb: str, args: list[str], working_dir: str) -> tuple[list[st
         from genray.pipeline import load_pipeline_config
 
         cfg, train_cfg = load_pipeline_config(ns.config, ns.set)
-        for path in [cfg.train] + ([cfg.serve.config] if cfg.serve else []):  # read by the job, from what it ships
+        for path in [cfg.train] + ([cfg.serve.config] if cfg.serve and cfg.serve.config else []):  # read by the job, from what it ships
             _relative_config(path, working_dir)
         uris = {"run_uri": cfg.run_uri, "training output_uri": train_cfg.output_uri, "eval.data_uri":
                 cfg.eval.data_uri, **{f"bulk job {j.name} {k}": j.job.get(k) for j in cfg.bulk_jobs

@@ -10,13 +10,11 @@ configs/pipeline/tiny_denoise.yaml on them (train, eval, gate, one bulk job; no 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from genray.cli import job_main
+from genray.cli import job_main, smoke_output
 
 TINY_PIPELINE = Path(__file__).resolve().parent.parent / "configs" / "pipeline" / "tiny_denoise.yaml"
 
@@ -27,10 +25,7 @@ def smoke_test_args(argv: list[str]) -> list[str]:
     from genray.config import read_yaml
     from genray.datasets import export_digits_sample
 
-    p = argparse.ArgumentParser(prog="jobs/pipeline.py --smoke-test")
-    p.add_argument("--output")
-    args, rest = p.parse_known_args(argv)
-    output = args.output or tempfile.mkdtemp(prefix="genray-smoke-pipeline-")
+    output, rest = smoke_output("pipeline", argv)
     data = export_digits_sample(storage.join_uri(output, "smoke-data"))
     train_overrides = [s for s in read_yaml(TINY_PIPELINE)["train_overrides"] if not s.startswith("output_uri=")]
     train_overrides += [f"output_uri={output}/train", f"data.uri={data}/train/", f"data.held_out_uri={data}/test/"]

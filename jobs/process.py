@@ -10,11 +10,9 @@ Inside a submitted job the Jobs API sets RAY_ADDRESS, so the driver joins the cl
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 
-from genray.cli import job_main
+from genray.cli import job_main, smoke_output
 
 
 def smoke_test_args(argv: list[str]) -> list[str]:
@@ -28,10 +26,7 @@ def smoke_test_args(argv: list[str]) -> list[str]:
     from genray.images import encode_png
     from genray.models import get_spec
 
-    p = argparse.ArgumentParser(prog="jobs/process.py --smoke-test")
-    p.add_argument("--output")
-    args, rest = p.parse_known_args(argv)
-    output = args.output or tempfile.mkdtemp(prefix="genray-smoke-process-")
+    output, rest = smoke_output("process", argv)
     images, _, _ = load_embedded("digits")
     rng = np.random.default_rng(0)
     for i, image in enumerate(images[:12]):

@@ -9,12 +9,10 @@ Inside a submitted job the Jobs API sets RAY_ADDRESS, so the driver joins the cl
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from genray.cli import job_main
+from genray.cli import job_main, smoke_output
 
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "denoise_ae.yaml"
 
@@ -24,10 +22,7 @@ def smoke_test_args(argv: list[str]) -> list[str]:
     from genray import storage
     from genray.datasets import export_digits_sample
 
-    p = argparse.ArgumentParser(prog="jobs/train.py --smoke-test")
-    p.add_argument("--output")
-    args, rest = p.parse_known_args(argv)
-    output = args.output or tempfile.mkdtemp(prefix="genray-smoke-train-")
+    output, rest = smoke_output("train", argv)
     data = export_digits_sample(storage.join_uri(output, "smoke-data"))
     return [str(TINY_CONFIG), "--output", output, "--set", "name=smoke_denoise_ae", "--set", "train.epochs=1",
             "--set", f"data.uri={data}/train/", "--set", f"data.held_out_uri={data}/test/", *rest]

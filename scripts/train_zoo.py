@@ -6,6 +6,7 @@ and print a table of training time and final metrics per config (for the README'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,20 @@ def write_style_image() -> None:
     storage.write_bytes(STYLE_URI, encode_png(image))
 
 
+@contextlib.contextmanager
+def local_storage_with_data():
+    """A local S3 server (its settings in os.environ) holding every embedded dataset under s3://genray-data/<name>
+    and an empty s3://genray-runs, as the configs expect."""
+    with LocalS3Server() as s3:
+        os.environ.update(s3.env())
+        for bucket in ("s3://genray-data", "s3://genray-runs"):
+            storage.ensure_bucket(bucket)
+        for name in DATASETS:
+            export_dataset(name, f"s3://genray-data/{name}")
+        write_style_image()
+        yield s3
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("configs", nargs="*", default=sorted(str(c) for c in Path("configs/train").glob("*.yaml")))
@@ -43,13 +58,7 @@ def main(argv: list[str]) -> int:
     from genray.training.trainer import run_training
 
     rows = []
-    with LocalS3Server() as s3:
-        os.environ.update(s3.env())
-        for bucket in ("s3://genray-data", "s3://genray-runs"):
-            storage.ensure_bucket(bucket)
-        for name in DATASETS:
-            export_dataset(name, f"s3://genray-data/{name}")
-        write_style_image()
+    with local_storage_with_data():
         init_ray()
         for path in args.configs:
             cfg = load_config(path, args.set)
