@@ -30,6 +30,10 @@ class TrainParams(Strict):
     epochs: int = Field(default=10, gt=0)
     batch_size: int = Field(default=64, gt=0)  # per worker
     lr: float = Field(default=1e-3, gt=0)
+    # Learning-rate schedule over epochs, applied to every optimizer (as a factor on its initial lr):
+    # constant, or cosine decay from lr at epoch 1 towards lr * lr_min_factor at the end of the last epoch.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_factor: float = Field(default=0.0, ge=0, le=1)
     seed: int = 0
     checkpoint_every: int = Field(default=1, gt=0)  # epochs between checkpoints (and ray.train.report calls)
     num_to_keep: int = Field(default=2, gt=0)  # checkpoints kept in storage

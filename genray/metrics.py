@@ -16,6 +16,19 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float) -> float:
     return float(10 * np.log10(data_range**2 / mse))
 
 
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """RGB (..., 3) -> float64 luma Y (...) in [16, 235], ITU-R BT.601 as skimage.color.rgb2ycbcr(...)[..., 0]:
+    Y = 16 + 65.481 R + 128.553 G + 24.966 B with R, G, B in [0, 1] (uint8 input is divided by 255, float
+    input is taken as already in [0, 1]). SR papers report PSNR on this channel."""
+    image = np.asarray(image)
+    if image.shape[-1] != 3:
+        raise ValueError(f"rgb_to_y: expected RGB (..., 3), got {image.shape}")
+    rgb = image.astype(np.float64)
+    if np.issubdtype(image.dtype, np.integer):
+        rgb /= 255.0
+    return 16.0 + rgb @ np.array([65.481, 128.553, 24.966])
+
+
 def mean_psnr(references: np.ndarray, tests: np.ndarray, data_range: float) -> float:
     """Mean of per-image PSNRs over the first axis (the usual way papers report a test set)."""
     return float(np.mean([psnr(r, t, data_range) for r, t in zip(references, tests)]))

@@ -102,3 +102,18 @@ def test_predictor_keeps_size_of_odd_photo(tmp_path):
     image = train[0][:37, :53]
     out = Predictor.from_uri(uri, device="cpu", tile=24, tile_overlap=8)([image, image[:, :, :1]])
     assert out[0].shape == (37, 53, 3) and out[1].shape == (37, 53, 1)
+
+
+def test_augmented_patches_are_symmetries_of_the_plain_ones():
+    photo = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    cfg = PhotoDenoiserConfig.tiny().model_copy(update={"crops_per_image": 8})
+    plain = SPEC.make_dataset([photo], None, cfg)
+    augmented = SPEC.make_dataset([photo], None, cfg.model_copy(update={"augment": True}))
+    changed = 0
+    for i in range(len(plain)):
+        a, b = plain[i], augmented[i]  # (C, S, S): the same crop position, then rotated / mirrored
+        variants = [torch.rot90(a, k, (1, 2)) for k in range(4)]
+        variants += [v.flip(2) for v in variants]
+        assert any(torch.equal(b, v) for v in variants)
+        changed += not torch.equal(a, b)
+    assert changed > 0

@@ -14,6 +14,7 @@ from genray.images import tile_positions
 from genray.inference import Predictor
 from genray.models import get_spec
 from genray.models.data import fixed_batch
+from genray.models import srgan
 from genray.models.srgan import Discriminator, SRGANConfig, bicubic_downscale, in_pretraining
 from genray.models.vgg import VGGWeightsError
 
@@ -157,6 +158,13 @@ def test_evaluate_reports_sr_and_bicubic():
     assert set(result) >= {"psnr_sr_db", "psnr_bicubic_db", "psnr_gain_over_bicubic_db", "ssim_sr", "ssim_bicubic"}
     assert result["psnr_gain_over_bicubic_db"] == pytest.approx(result["psnr_sr_db"] - result["psnr_bicubic_db"])
     assert 20 < result["psnr_bicubic_db"] < 50 and 0 < result["ssim_bicubic"] <= 1
+    # Luma PSNR as SR papers report it: Y of the same uint8 images, 4-px border crop.
+    assert result["psnr_y_gain_over_bicubic_db"] == pytest.approx(result["psnr_y_sr_db"] - result["psnr_y_bicubic_db"])
+    hr = srgan.center_crop(_photos()[1])
+    bicubic = srgan.bicubic_upscale(bicubic_downscale(hr))
+    y_hr, y_bicubic = (metrics.rgb_to_y(x[4:-4, 4:-4]) for x in (hr, bicubic))
+    assert result["psnr_y_bicubic_db"] != result["psnr_bicubic_db"]
+    assert 20 < metrics.psnr(y_hr, y_bicubic, 255) < 50
 
 
 def test_sample_grid_has_three_rows():
@@ -164,6 +172,20 @@ def test_sample_grid_has_three_rows():
     batch = _batch(cfg, n=3)
     grid = SPEC.sample_grid({"model": SPEC.build(cfg).eval()}, batch, cfg)
     assert grid.shape == (3 * (16 + 2) + 2, 3 * (16 + 2) + 2, 3)
+
+
+# --- metrics.rgb_to_y ----------------------------------------------------------------------------------------
+
+def test_rgb_to_y_matches_skimage_rgb2ycbcr():
+    from skimage.color import rgb2ycbcr
+
+    rgb = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [255, 0, 0]]
+    y = metrics.rgb_to_y(rgb)
+    assert y.dtype == np.float64 and y.shape == (17, 23)
+    np.testing.assert_allclose(y, rgb2ycbcr(rgb)[..., 0], atol=1e-9)
+    np.testing.assert_allclose(metrics.rgb_to_y(rgb / 255.0), y, atol=1e-9)  # float input: already in [0, 1]
+    assert y[0, 0] == pytest.approx(16) and y[0, 1] == pytest.approx(235)
 
 
 # --- metrics.ssim --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def test_two_worker_run_writes_checkpoints_outputs_and_artefact(tiny_model):
     history = read_history(out)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < history[0]["loss"]  # it learns
+    assert {row["lr_factor"] for row in history} == {1.0}  # the default schedule is constant
     # The sample grid is 3 rows (noisy / denoised / clean) of num_samples digits.
     grid = decode_image(storage.read_bytes(f"{out}/samples/epoch_004.png"), channels=None)
     assert grid.shape[0] > 3 * 28 and grid.shape[1] > cfg.train.num_samples * 28
@@ -60,3 +61,16 @@ def test_training_on_a_missing_prefix_fails_with_a_clear_error(ray_local, s3_buc
     cfg = tiny_train_config(f"{s3_bucket}/nothing-here", f"{s3_bucket}/out", name="missing", epochs=1)
     with pytest.raises(TrainingError, match="nothing-here"):
         run_training(cfg)
+
+
+def test_cosine_lr_factor_runs_from_one_to_the_floor():
+    from genray.config import TrainParams
+    from genray.training.loop import lr_factor
+
+    cosine = TrainParams(epochs=5, lr_schedule="cosine", lr_min_factor=0.1)
+    factors = [lr_factor(cosine, epoch) for epoch in range(1, 6)]
+    # Epoch e trains at progress (e - 1) / epochs along the half cosine: 1.0 first, never quite the floor.
+    expected = [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p)) for p in (0, 0.2, 0.4, 0.6, 0.8)]
+    assert factors == pytest.approx(expected) and factors[0] == 1.0 and 0.1 < factors[-1] < 0.2
+    assert {lr_factor(TrainParams(epochs=5), epoch) for epoch in range(1, 6)} == {1.0}
+    assert lr_factor(TrainParams(epochs=1, lr_schedule="cosine"), 1) == 1.0

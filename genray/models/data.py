@@ -39,15 +39,17 @@ class RandomCrops(Dataset):
     """`crops_per_image` random crop_size² crops of each image per epoch (photos of any size), float in value_range.
 
     Crops are drawn from a generator seeded by (seed, index, epoch) so runs are reproducible across workers.
+    With augment, each crop is also rotated by a random multiple of 90 degrees and maybe mirrored (the 8
+    symmetries of the square): eight times the distinct patches from a handful of photos.
     """
 
     def __init__(self, images: list[np.ndarray], crop_size: int, value_range: str, crops_per_image: int = 16,
-                 seed: int = 0):
+                 seed: int = 0, augment: bool = False):
         small = [im.shape for im in images if min(im.shape[:2]) < crop_size]
         if small:
             raise ValueError(f"images smaller than crop_size={crop_size}: {small[:3]}")
         self.images, self.crop_size, self.value_range = images, crop_size, value_range
-        self.crops_per_image, self.seed, self.epoch = crops_per_image, seed, 0
+        self.crops_per_image, self.seed, self.epoch, self.augment = crops_per_image, seed, 0, augment
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -60,7 +62,12 @@ class RandomCrops(Dataset):
         rng = np.random.default_rng((self.seed, i, self.epoch))
         h, w = image.shape[:2]
         y, x = rng.integers(0, h - self.crop_size + 1), rng.integers(0, w - self.crop_size + 1)
-        crop = image[y : y + self.crop_size, x : x + self.crop_size]
+        crop = image[y : y + self.crop_size, x : x + self.crop_size]  # (S, S, C)
+        if self.augment:
+            crop = np.rot90(crop, k=int(rng.integers(4)))
+            if rng.integers(2):
+                crop = crop[:, ::-1]
+            crop = np.ascontiguousarray(crop)
         return torch.from_numpy(to_float(crop[None], self.value_range)[0])
 
 

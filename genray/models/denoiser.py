@@ -32,6 +32,7 @@ class PhotoDenoiserConfig(BaseModel):
     noise_sigma: float = Field(default=25.0, gt=0, le=255)  # Gaussian sigma in 0..255 pixel units
     patch: int = Field(default=48, ge=8)  # training patch side (DnCNN: 40-50)
     crops_per_image: int = Field(default=64, gt=0)
+    augment: bool = False  # random 90-degree rotations and mirroring of the training crops
 
     @classmethod
     def tiny(cls) -> "PhotoDenoiserConfig":
@@ -68,7 +69,7 @@ def add_noise(clean: torch.Tensor, sigma: float, generator: torch.Generator | No
 
 def make_dataset(images: list[np.ndarray], labels: list[int] | None, cfg: PhotoDenoiserConfig) -> Dataset:
     """Clean random patches (C, patch, patch) in [0, 1]; noise is added fresh in every train_step."""
-    return RandomCrops(images, cfg.patch, "sigmoid", cfg.crops_per_image)
+    return RandomCrops(images, cfg.patch, "sigmoid", cfg.crops_per_image, augment=cfg.augment)
 
 
 def init_training(cfg: PhotoDenoiserConfig, lr: float) -> TrainState:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genray.images import make_grid, to_float, to_uint8
-from genray.metrics import psnr, ssim
+from genray.metrics import psnr, rgb_to_y, ssim
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
 
@@ -40,6 +40,7 @@ class SRGANConfig(BaseModel):
     bicubic_skip: bool = False
     hr_crop: int = Field(default=96, ge=8)
     crops_per_image: int = Field(default=16, gt=0)
+    augment: bool = False  # random 90-degree rotations and mirroring of the training crops
     # Phases: epochs 1..pretrain_epochs train SRResNet on pixel MSE; later epochs are adversarial.
     pretrain_epochs: int = Field(default=10, ge=0)
     content: Literal["mse", "vgg", "mse+vgg"] = "mse"  # GAN-phase content loss; "vgg" is the paper's SRGAN-VGG54
@@ -185,7 +186,7 @@ class LowResPairs(Dataset):
     (B, 3, S/4, S/4), made from the uint8 crop as a camera pipeline would."""
 
     def __init__(self, images: list[np.ndarray], cfg: SRGANConfig):
-        self.crops = RandomCrops(images, cfg.hr_crop, "tanh", cfg.crops_per_image)
+        self.crops = RandomCrops(images, cfg.hr_crop, "tanh", cfg.crops_per_image, augment=cfg.augment)
 
     def set_epoch(self, epoch: int) -> None:
         self.crops.set_epoch(epoch)
@@ -309,12 +310,14 @@ def center_crop(image: np.ndarray, max_side: int = EVAL_MAX_SIDE, multiple: int 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | None, cfg: SRGANConfig) -> dict[str, float]:
-    """x4 SR of held-out photos vs bicubic x4 upscaling, on uint8 RGB (data range 255) with a 4-px border crop.
+    """x4 SR of held-out photos vs bicubic x4 upscaling, on uint8 RGB (data range 255) with a 4-px border crop;
+    PSNR also on the luma channel Y (`psnr_y_*`, float64 BT.601 Y, data range 255), as SR papers report it.
 
     Each photo: HR = center crop (<= 256, sides multiple of 4), LR = its bicubic x4 downscale.
     """
     device = next(model.parameters()).device
-    scores: dict[str, list[float]] = {k: [] for k in ("psnr_sr_db", "psnr_bicubic_db", "ssim_sr", "ssim_bicubic")}
+    names = ("psnr_sr_db", "psnr_bicubic_db", "psnr_y_sr_db", "psnr_y_bicubic_db", "ssim_sr", "ssim_bicubic")
+    scores: dict[str, list[float]] = {k: [] for k in names}
     b = EVAL_BORDER
     for image in images:
         hr = center_crop(image)
@@ -324,10 +327,15 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
         hr, sr, bicubic = (x[b:-b, b:-b] for x in (hr, sr, bicubic))
         scores["psnr_sr_db"].append(psnr(hr, sr, 255))
         scores["psnr_bicubic_db"].append(psnr(hr, bicubic, 255))
+        if hr.shape[-1] == 3:
+            scores["psnr_y_sr_db"].append(psnr(rgb_to_y(hr), rgb_to_y(sr), 255))
+            scores["psnr_y_bicubic_db"].append(psnr(rgb_to_y(hr), rgb_to_y(bicubic), 255))
         scores["ssim_sr"].append(ssim(hr, sr, 255, channel_axis=-1))
         scores["ssim_bicubic"].append(ssim(hr, bicubic, 255, channel_axis=-1))
-    result = {k: float(np.mean(v)) for k, v in scores.items()}
+    result = {k: float(np.mean(v)) for k, v in scores.items() if v}
     result["psnr_gain_over_bicubic_db"] = result["psnr_sr_db"] - result["psnr_bicubic_db"]
+    if "psnr_y_sr_db" in result:
+        result["psnr_y_gain_over_bicubic_db"] = result["psnr_y_sr_db"] - result["psnr_y_bicubic_db"]
     result["num_eval_images"] = float(len(images))
     return result
 

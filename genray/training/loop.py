@@ -3,6 +3,7 @@ init_training / train_step / sample_grid, and this loop does data sharding, DDP,
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -13,7 +14,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from genray.config import TrainConfig
+from genray.config import TrainConfig, TrainParams
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from genray.datasets import labels_from_keys, read_image_prefix
@@ -54,6 +55,16 @@ def worker_placement() -> dict[str, list]:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, info)
     return {"worker_pids": [w["pid"] for w in everyone], "worker_nodes": [w["node_id"] for w in everyone]}
+
+
+def lr_factor(train: TrainParams, epoch: int) -> float:
+    """The schedule's multiplier on each optimizer's initial lr for 1-based `epoch` (a function of the epoch
+    alone, so a resumed run continues the same curve). Cosine: 1 at epoch 1, approaching lr_min_factor as the
+    last epoch ends (the last epoch still trains with a small nonzero lr)."""
+    if train.lr_schedule == "constant":
+        return 1.0
+    progress = (epoch - 1) / train.epochs  # 0 at the first epoch, 1 - 1/epochs at the last
+    return train.lr_min_factor + (1 - train.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -100,6 +111,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         name: ray.train.torch.prepare_model(m) if any(p.requires_grad for p in m.parameters()) else m.to(device)
         for name, m in state.modules.items()
     }
+    for opt in state.optimizers.values():  # the lr each schedule factor multiplies (kept in checkpoints)
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
     for opt in state.optimizers.values():  # optimizer state loaded on CPU follows the params to the device
         for s in opt.state.values():
             for k, v in s.items():
@@ -116,6 +130,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)  # e.g. new random crops
         state.epoch = epoch
+        factor = lr_factor(cfg.train, epoch)
+        for opt in state.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
         started = time.perf_counter()
         sums: dict[str, float] = {}
         num_steps, num_items = 0, 0
@@ -129,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - started
         metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
-        metrics.update(epoch=epoch, step=state.step, epoch_seconds=round(seconds, 4),
+        metrics.update(epoch=epoch, step=state.step, lr_factor=round(factor, 6), epoch_seconds=round(seconds, 4),
                        images_per_s=round(num_items * world / max(seconds, 1e-9), 2), world_size=world,
                        **placement)
         if checkpoint and epoch == start_epoch + 1:
