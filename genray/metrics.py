@@ -69,11 +69,3 @@ def mean_ssim(references: np.ndarray, tests: np.ndarray, data_range: float, chan
     """Mean of per-image SSIMs over the first axis; channel_axis counts within one image (RGB HWC: -1)."""
     return float(np.mean([ssim(r, t, data_range, channel_axis) for r, t in zip(references, tests)]))
 
-
-def rgb_to_y(image: np.ndarray) -> np.ndarray:
-    """uint8-range RGB (..., 3) -> float64 luma Y in [16, 235] (ITU-R BT.601, as MATLAB's rgb2ycbcr and
-    skimage.color.rgb2ycbcr): the channel super-resolution papers report PSNR on."""
-    rgb = np.asarray(image, dtype=np.float64) / 255.0
-    if rgb.shape[-1] != 3:
-        raise ValueError(f"rgb_to_y needs RGB images (..., 3), got shape {rgb.shape}")
-    return 16.0 + rgb @ np.array([65.481, 128.553, 24.966])
