@@ -326,8 +326,8 @@ def stat(uri: str) -> ObjectInfo:
         st = os.stat(_local_path(uri))
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such object", "missing_object") from None
-    if not os.path.isfile(_local_path(uri)):
-        raise StorageError(f"{uri}: is a directory, not an object")
+    if not os.path.isfile(_local_path(uri)):  # a directory is a prefix, not an object
+        raise StorageError(f"{uri}: is a directory, not an object", "missing_object")
     return ObjectInfo(key=name, uri=uri, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
 
 

@@ -23,7 +23,6 @@ from genray import archives, storage
 from genray.batch import manifest
 from genray.datasets import IMAGE_SUFFIXES
 
-READ_CPUS = 0.25  # per read task: streaming and parsing an archive is I/O, and the model actors hold the CPUs
 FILES_PER_UNIT = 64  # loose images travel through the read stage (when a job also has archives) in groups
 STAT_THREADS = 16  # HEAD requests in flight for a brace pattern's names
 

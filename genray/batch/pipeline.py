@@ -221,10 +221,11 @@ class ProcessImages:
                 "width": width, "height": height, "seconds": 0.0, "node_id": self.node_id}
 
 
-def actor_cpus(cfg: ProcessConfig) -> float:
-    """CPUs per model actor: as configured, but leave room for Ray Data's own tasks on a small cluster."""
+def actor_cpus(cfg: ProcessConfig, reserved: float = 0.5) -> float:
+    """CPUs per model actor: as configured, but leave `reserved` CPUs for Ray Data's own tasks on a small cluster
+    (a whole one when archives are read: an archive's read task takes one, see _dataset)."""
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.25, min(cfg.cpus_per_actor, (total - 0.5) / cfg.concurrency))
+    return max(0.25, min(cfg.cpus_per_actor, (total - reserved) / cfg.concurrency))
 
 
 def actor_threads(cpus: float) -> int:
@@ -268,20 +269,24 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
         progress = Progress(None if units else len(todo), log)
         try:
             for row in ds.iter_rows():
+                row = {c: _plain(row[c]) for c in row}
+                if row.get("num_rows") is None:  # an image (not an archive's own row): progress as it comes back
+                    progress.update(row["status"])
                 shards = rows.shards_committed
-                for ready in rows.add({c: _plain(row[c]) for c in row}):
-                    pending.append(ready)
-                    if summary.record(ready):
-                        progress.update(ready["status"])
+                ready = rows.add(row)  # into the manifest once its output is durable (see DriverRows)
+                pending += ready
+                for r in ready:
+                    summary.record(r)
                 # A committed shard's rows go to the manifest at once: a crash then cannot leave a shard that the
                 # manifest does not know (whose images the rerun would write a second time).
                 if rows.shards_committed > shards or len(pending) >= FLUSH_ROWS \
                         or time.monotonic() - last_flush > FLUSH_SECONDS:
                     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
                     part, pending, last_flush = part + 1, [], time.monotonic()
-            for ready in rows.close():
-                pending.append(ready)
-                summary.record(ready)
+            ready = rows.close()
+            pending += ready
+            for r in ready:
+                summary.record(r)
         except Exception as err:
             # Keep what finished: rerunning the same command then redoes only the rest.
             rows.abort()
@@ -297,7 +302,7 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
 
 def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray.data.Dataset:
     """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
-    cpus = actor_cpus(cfg)
+    cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
     # Start every model actor before any data flows (Ray Data otherwise starts them in the background and the
     # first one ready takes the work, leaving the others idle on a short job); long enough for an autoscaling
     # cluster to add a node, after which a pool that cannot be placed fails with Ray's reason.
@@ -314,12 +319,14 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray
         # One read task per archive (and per group of loose images), each streaming its rows out in small blocks.
         units = work.units + batch_archives.file_units(work.todo)
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-        ds = ds.map_batches(batch_archives.read_units, batch_size=1, num_cpus=batch_archives.READ_CPUS,
+        ds = ds.map_batches(batch_archives.read_units, batch_size=1,
                             fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
                                        "max_member_bytes": batch_archives.max_member_bytes(cfg.max_pixels),
                                        "rows_per_block": cfg.batch_size})
-        # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB) bytes: cut them into
-        # blocks of one batch, so every model actor gets work from one large archive and finished rows stream back.
+        # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB): cut them at one
+        # batch instead, so one archive feeds every model actor and finished rows stream back as they are done.
+        # Ray Data fuses this into the read tasks only if both ask for the same resources: the default, 1 CPU
+        # (repartition takes no num_cpus), which is why actor_cpus reserves a whole CPU here.
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     else:
         ds = ray.data.from_items(work.todo, override_num_blocks=max(1, min(len(work.todo) // cfg.batch_size, 64)))
