@@ -157,7 +157,7 @@ def test_shard_writer_by_count_and_bytes_round_trips(s3_bucket):
     assert sizes == [2, 2] and all(o.size <= 5000 + 10240 for o in storage.list_objects(prefix))
 
 
-def test_data_export_tar_shards_through_the_cli(s3_bucket):
+def test_data_export_and_process_tar_shards_through_the_cli(ray_local, sr_model_uri, s3_bucket):
     r = genray("data", "export", "faces", "--to", f"{s3_bucket}/faces", "--split", "test", "--format", "tar",
                "--shard-size", "16")
     assert r.returncode == 0, r.stderr
@@ -169,6 +169,18 @@ def test_data_export_tar_shards_through_the_cli(s3_bucket):
     assert names == keys  # faces have no labels: no sidecars
     first = tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shards[0].uri))).extractfile(keys[0]).read()
     assert first == storage.read_bytes(f"{files_uri}/{keys[0]}")
+
+    # The exported shards through `genray process` (joining the session's Ray), tar shards out.
+    pattern = f"{s3_bucket}/faces/shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    r = genray("process", "superres", "--input", pattern, "--output", f"{s3_bucket}/x4", "--model", sr_model_uri,
+               "--output-format", "tar", "--shard-size", "32", "--batch-size", "4",
+               "--address", ray_local.get_runtime_context().gcs_address)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{'ok':<8} {len(keys):>7}" in r.stdout
+    out = [o for o in storage.list_objects(f"{s3_bucket}/x4") if o.key.endswith(".tar")]
+    assert [o.key for o in out] == [f"shard-{i:06d}.tar" for i in range(-(-len(keys) // 32))]
+    assert sorted(name for o in out for name in _members(storage.read_bytes(o.uri))) == sorted(
+        f"shard-{i // 16:06d}.tar/{key}" for i, key in enumerate(keys))
 
 
 # --- bulk jobs over archives -----------------------------------------------------------------------------------
