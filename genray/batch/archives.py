@@ -82,7 +82,7 @@ def list_inputs(input_uri: str) -> Inputs:
 
 def _pattern_inputs(pattern: str) -> Inputs:
     base = pattern[:pattern.index("{")].rpartition("/")[0]
-    if not base:
+    if not base or base.endswith(":/"):
         raise storage.StorageError(f"{pattern}: put braces after a prefix, e.g. s3://bucket/shards/shard-{{0..9}}.tar")
     try:
         names = archives.expand_braces(pattern[len(base) + 1:])
