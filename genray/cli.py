@@ -25,8 +25,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def cmd_data_export(args: argparse.Namespace) -> int:
     from genray.datasets import export_dataset
 
-    written = export_dataset(args.name, args.to, split=args.split)
-    print(f"[genray] wrote {len(written)} {args.name} images under {args.to}")
+    written = export_dataset(args.name, args.to, split=args.split, output_format=args.format,
+                             shard_size=args.shard_size)
+    what = "images" if args.format == "files" else f"shards of up to {args.shard_size} images"
+    print(f"[genray] wrote {len(written)} {args.name} {what} under {args.to}")
     return 0
 
 
@@ -59,7 +61,8 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
              "style_image_uri": args.style_image, "tile": args.tile, "batch_size": args.batch_size,
              "forward_batch_size": args.forward_batch_size,
              "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
-             "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights}
+             "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights,
+             "output_format": args.output_format, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes}
     data.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     return validate(ProcessConfig, data, args.config or "command line")
 
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("name", choices=DATASETS)
     exp.add_argument("--to", required=True, help="local path or s3://bucket/prefix")
     exp.add_argument("--split", choices=("train", "test"), help="only this split (default: both)")
+    exp.add_argument("--format", choices=("files", "tar"), default="files",
+                     help="files: one PNG per image; tar: WebDataset shards shard-NNNNNN.tar (+ .json labels)")
+    exp.add_argument("--shard-size", type=int, default=1000, help="--format tar: images per shard")
     exp.set_defaults(func=cmd_data_export)
 
     tr = sub.add_parser("train", help="train a model on Ray Train")
@@ -201,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("process", help="run a bulk job over an image prefix on Ray Data")
     pr.add_argument("task", choices=("denoise", "superres", "style"))
-    pr.add_argument("--input", help="input prefix URI")
+    pr.add_argument("--input", help="a prefix of images and/or archives (.tar, .tar.gz, .tgz, .zip), one archive, "
+                    "or a brace pattern of shards: s3://b/shards/shard-{000000..000099}.tar")
     pr.add_argument("--output", help="output prefix URI")
+    pr.add_argument("--output-format", choices=("files", "tar"),
+                    help="files (default): a PNG per input; tar: WebDataset shards <output>/shard-NNNNNN.tar")
+    pr.add_argument("--shard-size", type=int, help="--output-format tar: images per shard (default 1000)")
+    pr.add_argument("--shard-bytes", type=int, help="--output-format tar: also close a shard before this size")
     pr.add_argument("--model", help="model artefact URI (genray train's <output>/model)")
     pr.add_argument("--style-image", help="style jobs without a style model: Gatys optimisation towards this image")
     pr.add_argument("--config", help="configs/process/*.yaml; flags override it")

@@ -182,6 +182,10 @@ class ProcessConfig(Strict):
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap, checked from the header
     dry_run: bool = False
+    # files: one PNG per input under the output prefix; tar: WebDataset shards <output>/shard-NNNNNN.tar
+    output_format: Literal["files", "tar"] = "files"
+    shard_size: int = Field(default=1000, gt=0)  # tar output: images per shard (their sidecars ride along)
+    shard_bytes: int | None = Field(default=None, gt=0)  # tar output: a shard also closes before passing this size
     # Gatys optimisation (style jobs with style_image_uri): iterations per image and the VGG19 weight lookup.
     gatys_iterations: int = Field(default=300, gt=0)
     gatys_max_side: int = Field(default=512, ge=16)  # larger images are optimised at this size, then upscaled

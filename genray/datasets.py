@@ -6,13 +6,14 @@ Images are uint8 (H, W, C) throughout; keys are '/'-separated paths relative to 
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from genray import images, storage
+from genray import archives, images, storage
 
 DATASETS = ("digits", "faces", "photos")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -101,20 +102,40 @@ def load_embedded(name: str) -> tuple[list[np.ndarray], list[int] | None, list[s
     return loaders[name]()
 
 
-def export_dataset(name: str, to_uri: str, split: str | None = None) -> list[str]:
-    """Write an embedded dataset as PNG files under to_uri/<key>; returns the written URIs in key order."""
+def export_dataset(name: str, to_uri: str, split: str | None = None, output_format: str = "files",
+                   shard_size: int = 1000) -> list[str]:
+    """Write an embedded dataset under to_uri: as PNG files to_uri/<key> ("files"), or as WebDataset shards
+    to_uri/shard-NNNNNN.tar of `shard_size` images ("tar": members <key> and, where the set has labels, a
+    <key stem>.json sidecar with the label). Returns the written URIs (images or shards) in key order."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    data, _, keys = load_embedded(name)
-    items = [(key, image) for key, image in zip(keys, data) if split is None or key.startswith(split + "/")]
+    if output_format not in ("files", "tar"):
+        raise ValueError(f"unknown format {output_format!r}; valid formats: files, tar")
+    data, labels, keys = load_embedded(name)
+    labels = labels if labels is not None else [None] * len(keys)
+    items = [(key, image, label) for key, image, label in zip(keys, data, labels)
+             if split is None or key.startswith(split + "/")]
 
-    def write(item: tuple[str, np.ndarray]) -> str:
+    def write(item: tuple[str, np.ndarray, int | None]) -> str:
         uri = storage.join_uri(to_uri, item[0])
         storage.write_bytes(uri, images.encode_png(item[1]))
         return uri
 
+    def encode(item: tuple[str, np.ndarray, int | None]) -> list[tuple[str, bytes]]:
+        key, image, label = item
+        files = [(key, images.encode_png(image))]
+        if label is not None:
+            files.append((key.rsplit(".", 1)[0] + ".json", json.dumps({"label": int(label)}).encode()))
+        return files
+
     with ThreadPoolExecutor(NUM_THREADS) as pool:
-        return list(pool.map(write, items))
+        if output_format == "files":
+            return list(pool.map(write, items))
+        writer = archives.ShardWriter(to_uri, shard_size)
+        for files in pool.map(encode, items):
+            writer.add(files)
+        writer.close()
+        return writer.written
 
 
 def export_digits_sample(to_uri: str, num_train: int = 64, num_test: int = 16) -> str:

@@ -5,6 +5,7 @@ S3 settings come only from the standard AWS environment variables; errors are on
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import shutil
@@ -91,6 +92,12 @@ def _safe_segments(part: str) -> list[str]:
     if not segments:
         raise UnsafeKeyError(f"{part!r}: empty key would name the base prefix itself")
     return segments
+
+
+def safe_key(key: str) -> str:
+    """`key` as a plain relative key ('./a//b.jpg' -> 'a/b.jpg'); UnsafeKeyError for absolute keys, '..', NUL or
+    backslash. For names from untrusted sources, e.g. the members of an archive."""
+    return "/".join(_safe_segments(key))
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -307,6 +314,81 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: permission denied") from None
 
 
+def stat(uri: str) -> ObjectInfo:
+    """One object's size and ETag (a HEAD request on S3); key is the URI's last segment."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, missing_is_object=True):
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        return ObjectInfo(key=name, uri=uri, size=int(head["ContentLength"]), etag=str(head["ETag"]).strip('"'))
+    try:
+        st = os.stat(_local_path(uri))
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such object", "missing_object") from None
+    if not os.path.isfile(_local_path(uri)):  # a directory is a prefix, not an object
+        raise StorageError(f"{uri}: is a directory, not an object", "missing_object")
+    return ObjectInfo(key=name, uri=uri, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+
+class _S3Range(io.RawIOBase):
+    """A seekable read-only view of one S3 object: every read is a ranged GET (If-Match its ETag, so an object
+    replaced while it is being read fails instead of mixing two versions). Wrapped in a BufferedReader by
+    open_read, so each GET fetches a whole buffer and no request is held open between reads."""
+
+    def __init__(self, uri: str, size: int, etag: str | None):
+        self.uri, self.size, self.etag, self.pos = uri, size, etag, 0
+        self.bucket, self.key = _split_s3(uri)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        end = min(self.pos + len(buffer), self.size)
+        if end <= self.pos:
+            return 0
+        kwargs = {"IfMatch": f'"{self.etag}"'} if self.etag else {}
+        with _s3_errors(self.uri, missing_is_object=True):
+            try:
+                body = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end - 1}",
+                                              **kwargs)["Body"].read()
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    raise StorageError(f"{self.uri}: the object changed while it was being read") from None
+                raise
+        buffer[:len(body)] = body
+        self.pos += len(body)
+        return len(body)
+
+
+def open_read(uri: str, size: int | None = None, etag: str | None = None,
+              buffer_bytes: int = 8 << 20) -> io.BufferedIOBase:
+    """A seekable binary file over an object, read on demand in `buffer_bytes` pieces (ranged GETs on S3): for
+    archives too large to hold in memory. `size`/`etag` from a listing save a HEAD request."""
+    if is_s3(uri):
+        if size is None:
+            info = stat(uri)
+            size, etag = info.size, etag or info.etag
+        return io.BufferedReader(_S3Range(uri, size, etag), buffer_size=buffer_bytes)
+    try:
+        return open(_local_path(uri), "rb", buffering=buffer_bytes)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such object", "missing_object") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise StorageError(f"{uri}: cannot read ({exc.strerror})") from None
+
+
 def _atomic_local_write(path: str, writer) -> None:
     """Stage in a hidden file in the target's directory, then os.replace: readers never see half a file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -329,12 +411,25 @@ def write_bytes(uri: str, data: bytes) -> None:
         with _s3_errors(uri):
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
+    write_fileobj(uri, io.BytesIO(data))
+
+
+def write_fileobj(uri: str, fileobj) -> None:
+    """Write a binary file object's contents (from its current position) to `uri`, atomically: one PUT or a
+    multipart upload that appears only when complete on S3, a staged file renamed into place locally."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        if not key:
+            raise StorageError(f"{uri}: no object key in S3 URI")
+        with _s3_errors(uri):
+            s3_client().upload_fileobj(fileobj, bucket, key)
+        return
 
     def _write(tmp: str) -> None:
         # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would make it 0600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            shutil.copyfileobj(fileobj, f)
 
     try:
         _atomic_local_write(_local_path(uri), _write)

@@ -30,3 +30,6 @@ def test_demo_runs_the_whole_flow(tmp_path):
     rows = pds.dataset(str(demo / "denoised/_manifest"), format="parquet").to_table().to_pylist()
     assert len(rows) == 25 and sum(r["status"] == "error" for r in rows) == 1  # the corrupt file
     assert len(list((demo / "denoised").rglob("*.png"))) == 24
+    assert "-> 360 images in 3 output shards" in out  # the held-out digits as WebDataset shards, tar shards out
+    assert sorted(p.name for p in (demo / "denoised-shards").glob("*.tar")) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import PurePosixPath
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genray import storage
+from genray.archives import SHARD_RE  # tar output: output_key = 'shard-000012.tar#a/b.png'
 
 MANIFEST_DIR = "_manifest"
 SCHEMA = pa.schema([
@@ -28,6 +30,28 @@ SCHEMA = pa.schema([
     ("node_id", pa.string()),  # the Ray node whose model actor made the row (None: refused before any work)
 ])
 COLUMNS = SCHEMA.names
+
+
+def output_key_for(input_key: str, taken: set[str]) -> str:
+    """a/b.jpg -> a/b.png; if another input already maps there (a/b.png beside a/b.jpg), a/b.jpg.png."""
+    path = PurePosixPath(input_key)
+    key = str(path.with_suffix(".png"))
+    if key in taken:
+        key = input_key + ".png"
+    taken.add(key)
+    return key
+
+
+def is_done(prev: dict[str, Any] | None, etag: str, digest: str, output_key: str, tar: bool) -> bool:
+    """Whether the manifest row `prev` says an input is done: ok (or skipped) with the same input ETag and model
+    digest, its output where this run would put it (tar output: `output_key` inside some shard)."""
+    if not prev or prev["status"] not in ("ok", "skipped") or prev["input_etag"] != etag \
+            or prev["model_digest"] != digest:
+        return False
+    if not tar:
+        return prev["output_key"] == output_key
+    shard, sep, key = (prev["output_key"] or "").partition("#")
+    return bool(sep) and SHARD_RE.fullmatch(shard) is not None and key == output_key
 
 
 def new_run_id() -> str:

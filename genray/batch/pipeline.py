@@ -7,23 +7,24 @@ A bad input becomes an `error` row; it never stops the job.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import math
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from genray import storage
 from genray.artifacts import ArtifactError, read_meta
+from genray.batch import archives as batch_archives
 from genray.batch import manifest
 from genray.config import ProcessConfig
-from genray.datasets import IMAGE_SUFFIXES
 from genray.images import ImageError, decode_image, encode_png
 
 FLUSH_ROWS = 500  # manifest part size ...
@@ -49,21 +50,20 @@ class JobSummary:
     def images_per_s(self) -> float:
         return self.counts["ok"] / self.seconds if self.seconds > 0 else 0.0
 
+    def record(self, row: dict[str, Any]) -> bool:
+        """Count a manifest row; False (not counted) for an archive's own row unless it is an error."""
+        if row.get("num_rows") is not None and row["status"] != "error":
+            return False
+        self.counts[row["status"]] += 1
+        if row["status"] == "error" and len(self.errors) < 10:
+            self.errors.append((row["input_key"], row["error"]))
+        return True
+
     def table(self) -> str:
         lines = [f"{'status':<8} {'count':>7}"] + [f"{s:<8} {self.counts[s]:>7}" for s in ("ok", "skipped", "error")]
         lines.append(f"{self.counts['ok']} images in {self.seconds:.1f}s ({self.images_per_s:.2f} images/s)")
         lines += [f"error: {k}: {why}" for k, why in self.errors]
         return "\n".join(lines)
-
-
-def output_key_for(input_key: str, taken: set[str]) -> str:
-    """a/b.jpg -> a/b.png; if another input already maps there (a/b.png beside a/b.jpg), a/b.jpg.png."""
-    path = PurePosixPath(input_key)
-    key = str(path.with_suffix(".png"))
-    if key in taken:
-        key = input_key + ".png"
-    taken.add(key)
-    return key
 
 
 def check_model(cfg: ProcessConfig) -> dict[str, Any]:
@@ -86,33 +86,45 @@ def check_model(cfg: ProcessConfig) -> dict[str, Any]:
     return meta
 
 
-def plan(cfg: ProcessConfig, digest: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows to process, rows skipped because the manifest has them done with this model and input ETag,
-    error rows for keys refused before any work, e.g. a key that would escape the output prefix)."""
+@dataclass
+class Plan:
+    todo: list[dict[str, Any]]  # loose images to process
+    skipped: list[dict[str, Any]]  # rows the manifest has done with this model and input ETag
+    refused: list[dict[str, Any]]  # error rows before any work, e.g. a key that would escape the output prefix
+    units: list[dict[str, Any]]  # archives to read (batch.archives.plan_archives)
+
+
+def plan(cfg: ProcessConfig, digest: str) -> Plan:
+    tar = cfg.output_format == "tar"
     try:
-        objects = storage.list_objects(cfg.input_uri, suffixes=IMAGE_SUFFIXES)
+        inputs = batch_archives.list_inputs(cfg.input_uri)
     except storage.StorageError as err:
         raise JobError(str(err)) from None
-    out_rel = _nested_prefix(cfg.input_uri, cfg.output_uri)
-    objects = [o for o in objects if not (out_rel and o.key.startswith(out_rel))]  # never eat our own outputs
+    out_rel = _nested_prefix(inputs.base_uri, cfg.output_uri)
+
+    def mine(obj: storage.ObjectInfo) -> bool:  # never eat our own outputs
+        return bool(out_rel) and obj.key.startswith(out_rel)
+
     done = manifest.read_manifest(cfg.output_uri)
-    todo, skipped, refused, taken = [], [], [], set()
-    for obj in objects:
-        out_key = output_key_for(obj.key, taken)
+    units, skipped, refused = batch_archives.plan_archives([o for o in inputs.archives if not mine(o)], done,
+                                                           digest, cfg.output_uri, tar)
+    refused += [batch_archives.error_row(key, None, digest, why) for key, why in inputs.missing]
+    todo, taken = [], set()
+    for obj in inputs.images:
+        if mine(obj):
+            continue
+        out_key = manifest.output_key_for(obj.key, taken)
         try:
             storage.join_uri(cfg.output_uri, out_key)
         except storage.UnsafeKeyError as err:
-            refused.append({"input_key": obj.key, "output_key": None, "status": "error", "error": str(err),
-                            "input_etag": obj.etag, "model_digest": digest, "width": None, "height": None,
-                            "seconds": 0.0, "node_id": None})
+            refused.append(batch_archives.error_row(obj.key, obj.etag, digest, str(err)))
             continue
         prev = done.get(obj.key)
-        if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
-                and prev["model_digest"] == digest and prev["output_key"] == out_key:
+        if manifest.is_done(prev, obj.etag, digest, out_key, tar):
             skipped.append({**prev, "status": "skipped", "error": None, "seconds": 0.0})
         else:
             todo.append({"input_key": obj.key, "input_uri": obj.uri, "input_etag": obj.etag, "output_key": out_key})
-    return todo, skipped, refused
+    return Plan(todo, skipped, refused, units)
 
 
 def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
@@ -144,10 +156,12 @@ class ProcessImages:
         self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="genray-io")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
-        rows = [{k: batch[k][i] for k in ("input_key", "input_uri", "input_etag", "output_key")}
-                for i in range(len(batch["input_key"]))]
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["input_key"]))]
+        # Rows the read stage finished already (skipped archive members, refused entries, an archive's own row).
+        passed = [batch_archives.passed_through(row["result"]) for row in rows if row.get("result")]
+        rows = [row for row in rows if not row.get("result")]
         # [1] read + decode, all of the batch's objects at once: a remote store's latency is paid once per batch,
         # not once per image. A bad file is an error row.
         decoded = list(self.io.map(self._read, rows))
@@ -159,11 +173,13 @@ class ProcessImages:
         per_image = (time.perf_counter() - started) / max(len(rows), 1)
         for r in results:
             r["seconds"] = per_image
-        return {c: [r[c] for r in results] for c in manifest.COLUMNS}
+        return batch_archives.output_table(results + passed)
 
     def _read(self, row: dict[str, Any]) -> np.ndarray | str:
         try:
-            return decode_image(storage.read_bytes(row["input_uri"]), channels=None, max_pixels=self.cfg.max_pixels)
+            data = row.get("data")  # an archive member's bytes came with the row; a loose file is read here
+            data = storage.read_bytes(row["input_uri"]) if data is None else data
+            return decode_image(data, channels=None, max_pixels=self.cfg.max_pixels)
         except (ImageError, storage.StorageError) as err:
             return str(err)
 
@@ -173,7 +189,12 @@ class ProcessImages:
         if isinstance(out, Exception):
             return self._row(row, "error", f"model failed: {out}", w, h)
         try:
-            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), encode_png(out))
+            png = encode_png(out)
+            if self.cfg.output_format == "tar":  # the driver writes it into a shard
+                return {**self._row(row, "ok", None, w, h), "data": png, "sidecars": row.get("sidecars")}
+            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png)
+            for name, data in batch_archives.decode_sidecars(row.get("sidecars")):  # key.json beside key.png
+                storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data)
             return self._row(row, "ok", None, w, h)
         except storage.StorageError as err:
             return self._row(row, "error", str(err), w, h)
@@ -200,10 +221,11 @@ class ProcessImages:
                 "width": width, "height": height, "seconds": 0.0, "node_id": self.node_id}
 
 
-def actor_cpus(cfg: ProcessConfig) -> float:
-    """CPUs per model actor: as configured, but leave room for Ray Data's own tasks on a small cluster."""
+def actor_cpus(cfg: ProcessConfig, reserved: float = 0.5) -> float:
+    """CPUs per model actor: as configured, but leave `reserved` CPUs for Ray Data's own tasks on a small cluster
+    (a whole one when archives are read: an archive's read task takes one, see _dataset)."""
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.25, min(cfg.cpus_per_actor, (total - 0.5) / cfg.concurrency))
+    return max(0.25, min(cfg.cpus_per_actor, (total - reserved) / cfg.concurrency))
 
 
 def actor_threads(cpus: float) -> int:
@@ -218,13 +240,18 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     meta = check_model(cfg)
     digest = meta["digest"]
     summary = JobSummary(run_id=manifest.new_run_id())
-    todo, skipped, refused = plan(cfg, digest)
-    log(f"[genray] {len(todo) + len(skipped) + len(refused)} inputs under {cfg.input_uri}: {len(todo)} to process, "
-        f"{len(skipped)} already done with model {digest[:19]}, {len(refused)} refused")
+    work = plan(cfg, digest)
+    todo, units = work.todo, work.units
+    num_skipped = sum(r.get("num_rows") is None for r in work.skipped)  # images, not the archives' own rows
+    log(f"[genray] {len(todo) + num_skipped + len(work.refused)} inputs under {cfg.input_uri}: {len(todo)} to "
+        f"process, {num_skipped} already done with model {digest[:19]}, {len(work.refused)} refused"
+        + (f"; {len(units)} archives to read (their members are counted as they stream)" if units else ""))
     if cfg.dry_run:
         for row in todo:
             log(f"  would process {row['input_key']} -> {row['output_key']}")
-        summary.counts.update(skipped=len(skipped))
+        for unit in units:
+            log(f"  would read archive {unit['key']} ({unit['size']:,} bytes, {len(unit['done'])} members done)")
+        summary.counts.update(skipped=num_skipped)
         return summary
 
     try:  # a missing output bucket is the user's to create: fail before any work, naming it
@@ -232,57 +259,87 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     except storage.StorageError as err:
         raise JobError(f"output {err}") from None
     started = time.perf_counter()
-    part, pending, last_flush = 0, skipped + refused, time.monotonic()
-    summary.counts.update(skipped=len(skipped), error=len(refused))
-    summary.errors += [(r["input_key"], r["error"]) for r in refused[:10]]
-    if todo:
-        cpus = actor_cpus(cfg)
-        # Start every model actor before any data flows (Ray Data otherwise starts them in the background and the
-        # first one ready takes the work, leaving the others idle on a short job); long enough for an autoscaling
-        # cluster to add a node, after which a pool that cannot be placed fails with Ray's reason.
-        ctx = ray.data.DataContext.get_current()
-        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-        # Hand each batch to the least busy actor rather than to one on the node that holds the batch: the inputs
-        # are small next to the model's work, and locality piles a short job onto a single actor.
-        ctx.execution_options.actor_locality_enabled = False
-        total = ray.cluster_resources().get("CPU", 0.0)
-        if cfg.concurrency * cpus > total:
-            log(f"[genray] {cfg.concurrency} model actors x {cpus:g} CPUs do not fit in the cluster's {total:g} CPUs "
-                f"now: waiting up to {ACTOR_START_TIMEOUT_S} s for more nodes (lower --concurrency otherwise)")
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 64)))
-        ds = ds.map_batches(
-            udf,
-            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
-                                   "num_threads": actor_threads(cpus)},
-            batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_cpus=cpus,
-            # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
-            # loses fewer of them (the manifest's node_id column shows where each image ran).
-        )
-
-        progress = Progress(len(todo), log)
+    part, pending, last_flush = 0, work.skipped + work.refused, time.monotonic()
+    for row in pending:
+        summary.record(row)
+    if todo or units:
+        ds = _dataset(cfg, work, digest, udf, log)
+        rows = batch_archives.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
+                                         cfg.shard_bytes)
+        progress = Progress(None if units else len(todo), log)
         try:
             for row in ds.iter_rows():
-                row = {c: _plain(row[c]) for c in manifest.COLUMNS}
-                pending.append(row)
-                summary.counts[row["status"]] += 1
-                progress.update(row["status"])
-                if row["status"] == "error" and len(summary.errors) < 10:
-                    summary.errors.append((row["input_key"], row["error"]))
-                if len(pending) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
+                row = {c: _plain(row[c]) for c in row}
+                if row.get("num_rows") is None:  # an image (not an archive's own row): progress as it comes back
+                    progress.update(row["status"])
+                shards = rows.shards_committed
+                ready = rows.add(row)  # into the manifest once its output is durable (see DriverRows)
+                pending += ready
+                for r in ready:
+                    summary.record(r)
+                # A committed shard's rows go to the manifest at once: a crash then cannot leave a shard that the
+                # manifest does not know (whose images the rerun would write a second time).
+                if rows.shards_committed > shards or len(pending) >= FLUSH_ROWS \
+                        or time.monotonic() - last_flush > FLUSH_SECONDS:
                     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
                     part, pending, last_flush = part + 1, [], time.monotonic()
+            ready = rows.close()
+            pending += ready
+            for r in ready:
+                summary.record(r)
         except Exception as err:
             # Keep what finished: rerunning the same command then redoes only the rest.
+            rows.abort()
             manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
             manifest.compact(cfg.output_uri, summary.run_id)
-            raise JobError(f"the job failed after {sum(progress.counts.values())} of {len(todo)} images "
+            raise JobError(f"the job failed after {sum(progress.counts.values())} of {progress.total or '?'} images "
                            f"(rerun the same command to resume): {_root_cause(err)}") from err
     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
     summary.seconds = time.perf_counter() - started
     summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id)
     return summary
+
+
+def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray.data.Dataset:
+    """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
+    cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
+    # Start every model actor before any data flows (Ray Data otherwise starts them in the background and the
+    # first one ready takes the work, leaving the others idle on a short job); long enough for an autoscaling
+    # cluster to add a node, after which a pool that cannot be placed fails with Ray's reason.
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Hand each batch to the least busy actor rather than to one on the node that holds the batch: the inputs
+    # are small next to the model's work, and locality piles a short job onto a single actor.
+    ctx.execution_options.actor_locality_enabled = False
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if cfg.concurrency * cpus > total:
+        log(f"[genray] {cfg.concurrency} model actors x {cpus:g} CPUs do not fit in the cluster's {total:g} CPUs "
+            f"now: waiting up to {ACTOR_START_TIMEOUT_S} s for more nodes (lower --concurrency otherwise)")
+    if work.units:
+        # One read task per archive (and per group of loose images), each streaming its rows out in small blocks.
+        units = work.units + batch_archives.file_units(work.todo)
+        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+        ds = ds.map_batches(batch_archives.read_units, batch_size=1,
+                            fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
+                                       "max_member_bytes": batch_archives.max_member_bytes(cfg.max_pixels),
+                                       "rows_per_block": cfg.batch_size})
+        # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB): cut them at one
+        # batch instead, so one archive feeds every model actor and finished rows stream back as they are done.
+        # Ray Data fuses this into the read tasks only if both ask for the same resources: the default, 1 CPU
+        # (repartition takes no num_cpus), which is why actor_cpus reserves a whole CPU here.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    else:
+        ds = ray.data.from_items(work.todo, override_num_blocks=max(1, min(len(work.todo) // cfg.batch_size, 64)))
+    return ds.map_batches(
+        udf,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
+                               "num_threads": actor_threads(cpus)},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cpus,
+        # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
+        # loses fewer of them (the manifest's node_id column shows where each image ran).
+    )
 
 
 class Progress:
@@ -291,20 +348,24 @@ class Progress:
 
     WIDTH = 30
 
-    def __init__(self, total: int, log=print):
+    def __init__(self, total: int | None, log=print):
+        """total: None when it is not known up front (archives are counted as they stream)."""
         self.total, self.log, self.counts = total, log, Counter(ok=0, error=0)
         self.started = self.last = time.monotonic()
 
     def update(self, status: str) -> None:
         self.counts[status] += 1
         done, now = sum(self.counts.values()), time.monotonic()
-        if now - self.last < PROGRESS_SECONDS and done < self.total:
+        if now - self.last < PROGRESS_SECONDS and done != self.total:
             return
         self.last = now
         rate = done / max(now - self.started, 1e-9)
+        counts = f"ok={self.counts['ok']} error={self.counts['error']} {rate:.2f} images/s"
+        if self.total is None:
+            self.log(f"[genray] {done} done {counts}")
+            return
         bar = "#" * round(self.WIDTH * done / max(self.total, 1))
-        self.log(f"[genray] [{bar:<{self.WIDTH}}] {done}/{self.total} ok={self.counts['ok']} "
-                 f"error={self.counts['error']} {rate:.2f} images/s, {(self.total - done) / rate:.0f}s left")
+        self.log(f"[genray] [{bar:<{self.WIDTH}}] {done}/{self.total} {counts}, {(self.total - done) / rate:.0f}s left")
 
 
 def _root_cause(err: BaseException) -> str:

@@ -1,0 +1,284 @@
+"""Archives in bulk jobs: --input resolved to loose images and archives (one archive, a prefix holding them, or a
+brace pattern of shards); the Ray Data read stage that streams each archive's members into rows for the model
+actors; and the driver's end: tar output shards, and archive rows recorded only after all their members.
+
+Manifest rows of archive members have input_key 'shards/shard-000001.tar#a/b.jpg'; each archive also gets a row of
+its own (input_key = the archive): ok once it was read to the end, error when it could not be. A rerun skips an
+archive without opening it when that row and all its members' rows say done; otherwise it reads the archive again
+and skips the members that are done.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from genray import archives, storage
+from genray.batch import manifest
+from genray.datasets import IMAGE_SUFFIXES
+
+FILES_PER_UNIT = 64  # loose images travel through the read stage (when a job also has archives) in groups
+STAT_THREADS = 16  # HEAD requests in flight for a brace pattern's names
+
+# Rows of the read stage (into the model actors). An explicit schema: a block holding only error rows must agree
+# with one holding image bytes.
+READ_SCHEMA = pa.schema([
+    ("input_key", pa.string()), ("input_uri", pa.string()), ("input_etag", pa.string()),
+    ("output_key", pa.string()),
+    ("data", pa.binary()),  # the member's bytes (None: a loose file, read by the actor)
+    ("sidecars", pa.string()),  # JSON [[output name, base64 bytes], ...]: the sample's .json/.txt/... members
+    ("result", pa.string()),  # JSON of a finished manifest row (skipped or error), passed through by the actors
+])
+# What the model actors return besides the manifest's columns: with tar output an ok row's PNG and sidecars (the
+# driver writes them into shards), and for an archive's own row how many member rows it gave.
+OUTPUT_SCHEMA = pa.schema(list(manifest.SCHEMA) + [
+    ("data", pa.binary()), ("sidecars", pa.string()), ("num_rows", pa.int64()),
+])
+EXTRA_COLUMNS = ("data", "sidecars", "num_rows")
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def max_member_bytes(max_pixels: int) -> int:
+    """Larger members are error rows without being read: 8 bytes per allowed pixel (16-bit RGBA, uncompressed)."""
+    return 8 * max_pixels + (1 << 20)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    base_uri: str  # every key below is relative to it
+    images: list[storage.ObjectInfo] = field(default_factory=list)  # loose image files
+    archives: list[storage.ObjectInfo] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (key, why): names of a pattern not readable
+
+
+def list_inputs(input_uri: str) -> Inputs:
+    """A prefix of images and/or archives, a single archive, or a brace pattern ('.../shard-{000000..000099}.tar')."""
+    if archives.has_braces(input_uri):
+        return _pattern_inputs(input_uri)
+    if archives.is_archive(input_uri):
+        try:
+            info = storage.stat(input_uri)
+        except storage.StorageError as err:
+            if err.reason != "missing_object":
+                raise
+        else:  # one archive: its members' keys start with its name
+            base, _, name = input_uri.rpartition("/")
+            return Inputs(base or ".", archives=[replace(info, key=name)])
+    objects = storage.list_objects(input_uri, suffixes=IMAGE_SUFFIXES + archives.ARCHIVE_SUFFIXES)
+    return Inputs(input_uri, images=[o for o in objects if is_image(o.key)],
+                  archives=[o for o in objects if archives.is_archive(o.key)])
+
+
+def _pattern_inputs(pattern: str) -> Inputs:
+    base = pattern[:pattern.index("{")].rpartition("/")[0]
+    if not base or base.endswith(":/"):
+        raise storage.StorageError(f"{pattern}: put braces after a prefix, e.g. s3://bucket/shards/shard-{{0..9}}.tar")
+    try:
+        names = archives.expand_braces(pattern[len(base) + 1:])
+    except ValueError as err:
+        raise storage.StorageError(str(err)) from None
+
+    def look_up(name: str) -> storage.ObjectInfo | str:
+        if not (is_image(name) or archives.is_archive(name)):
+            return f"not an image or archive ({', '.join(archives.ARCHIVE_SUFFIXES)})"
+        try:
+            return replace(storage.stat(f"{base}/{name}"), key=name)
+        except storage.StorageError as err:
+            if err.reason != "missing_object":
+                raise  # a missing bucket or denied access stops the job before any work
+            return "no such object (named by the input pattern)"
+
+    inputs = Inputs(base)
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        for name, found in zip(names, pool.map(look_up, names)):
+            if isinstance(found, str):
+                inputs.missing.append((name, found))
+            else:
+                (inputs.archives if archives.is_archive(name) else inputs.images).append(found)
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------------- plan
+
+def error_row(input_key: str, etag: str | None, digest: str, error: str | None, status: str = "error",
+              num_rows: int | None = None) -> dict[str, Any]:
+    row = {"input_key": input_key, "output_key": None, "status": status, "error": error, "input_etag": etag,
+           "model_digest": digest, "width": None, "height": None, "seconds": 0.0, "node_id": None}
+    return row if num_rows is None else {**row, "num_rows": num_rows}
+
+
+def plan_archives(objects: list[storage.ObjectInfo], done: dict[str, dict[str, Any]], digest: str,
+                  output_uri: str, tar: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                       list[dict[str, Any]]]:
+    """(read units, skipped rows of archives done in full, error rows of archives refused before any work)."""
+    by_archive: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, row in done.items():
+        split = archives.split_member_key(key)
+        if split:
+            by_archive.setdefault(split[0], {})[key] = row
+    units, skipped, refused = [], [], []
+    for obj in objects:
+        try:  # members are written under <output>/<archive key>/...: the archive's key must stay inside
+            storage.join_uri(output_uri, obj.key, "member")
+        except storage.UnsafeKeyError as err:
+            refused.append(error_row(obj.key, obj.etag, digest, str(err), num_rows=0))
+            continue
+        members = by_archive.get(obj.key, {})
+        usable = {k: r for k, r in members.items() if r["status"] in ("ok", "skipped")
+                  and r["input_etag"] == obj.etag and r["model_digest"] == digest
+                  and (manifest.SHARD_RE.match(r["output_key"] or "") is not None) == tar}
+        prev = done.get(obj.key)
+        if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
+                and prev["model_digest"] == digest and len(usable) == len(members):
+            # Read to the end before, and every member is done: nothing to read.
+            skipped += [{**r, "status": "skipped", "error": None, "seconds": 0.0} for r in members.values()]
+            skipped.append({**prev, "status": "skipped", "num_rows": len(members)})
+        else:
+            units.append({"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
+                          "done": usable})
+    return units, skipped, refused
+
+
+def file_units(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Loose images to process, in groups, for a job whose read stage also streams archives."""
+    return [{"kind": "files", "rows": rows[i:i + FILES_PER_UNIT]} for i in range(0, len(rows), FILES_PER_UNIT)]
+
+
+# ------------------------------------------------------------------------------------- read stage (tasks)
+
+def read_units(batch: dict[str, np.ndarray], digest: str, tar: bool, max_member_bytes: int,
+               rows_per_block: int) -> Iterator[pa.Table]:
+    """Ray Data map_batches generator: each unit (JSON) -> blocks of rows for the model actors. Loose images pass
+    through (the actors read them); an archive is streamed member by member, `rows_per_block` rows at a time, so
+    one large archive feeds every actor and is never held in memory whole."""
+    for text in batch["unit"]:
+        unit = json.loads(text)
+        if unit["kind"] == "files":
+            yield _table([{**row, "data": None, "sidecars": "", "result": ""} for row in unit["rows"]])
+            continue
+        rows = []
+        for row in _archive_rows(unit, digest, tar, max_member_bytes):
+            rows.append(row)
+            if len(rows) >= rows_per_block:
+                yield _table(rows)
+                rows = []
+        if rows:
+            yield _table(rows)
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+def _archive_rows(unit: dict[str, Any], digest: str, tar: bool, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+    key, etag, done = unit["key"], unit["etag"], unit["done"]
+    taken: set[str] = set()
+    seen: set[str] = set()
+    error = None
+    members = archives.read_members(unit["uri"], max_member_bytes, size=unit["size"], etag=etag)
+    try:
+        for member, sidecars in archives.group_samples(members, is_image):
+            input_key = archives.member_key(key, member.name)
+            if input_key in seen:  # a name repeated in a tar (an appended update): the first entry is used
+                continue
+            seen.add(input_key)
+            row = {"input_key": input_key, "input_uri": f"{unit['uri']}#{member.name}", "input_etag": etag,
+                   "output_key": None, "data": None, "sidecars": "", "result": ""}
+            if member.error is not None:
+                yield {**row, "result": json.dumps(error_row(input_key, etag, digest, member.error))}
+                continue
+            out_key = manifest.output_key_for(f"{key}/{member.name}", taken)
+            prev = done.get(input_key)
+            if manifest.is_done(prev, etag, digest, out_key, tar):
+                yield {**row, "result": json.dumps({**prev, "status": "skipped", "error": None, "seconds": 0.0})}
+            else:
+                sidecar_names = [f"{key}/{s.name}" for s in sidecars]
+                yield {**row, "output_key": out_key, "data": member.data,
+                       "sidecars": encode_sidecars(list(zip(sidecar_names, (s.data for s in sidecars))))}
+    except archives.ArchiveError as err:
+        error = str(err)
+    # The archive's own row, last: how many member rows it gave, so the driver can hold it back until they are in.
+    yield {"input_key": key, "input_uri": unit["uri"], "input_etag": etag, "output_key": None, "data": None,
+           "sidecars": "", "result": json.dumps(error_row(key, etag, digest, error, "error" if error else "ok",
+                                                          num_rows=len(seen)))}
+
+
+def encode_sidecars(files: list[tuple[str, bytes]]) -> str:
+    return json.dumps([[name, base64.b64encode(data).decode()] for name, data in files]) if files else ""
+
+
+def decode_sidecars(text: str | None) -> list[tuple[str, bytes]]:
+    return [(name, base64.b64decode(data)) for name, data in json.loads(text)] if text else []
+
+
+# ------------------------------------------------------------------------------------- model actors' side
+
+def passed_through(result: str) -> dict[str, Any]:
+    """A finished row from the read stage (skipped member, refused or unreadable entry, an archive's own row)."""
+    row = json.loads(result)
+    return {**row, "data": None, "sidecars": None, "num_rows": row.get("num_rows")}
+
+
+def output_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{**{c: None for c in EXTRA_COLUMNS}, **row} for row in rows], schema=OUTPUT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------- driver's side
+
+class DriverRows:
+    """Rows as the model actors return them -> manifest rows, released in an order a crash cannot get wrong:
+    with tar output an ok row only once the shard holding its output is committed (a shard is written once, whole;
+    the one being filled when the job dies is never written, and its images are redone by the rerun); an archive's
+    own row only after all its member rows (so 'read in full' in the manifest means every member is recorded)."""
+
+    def __init__(self, output_uri: str, tar: bool, shard_size: int, shard_bytes: int | None):
+        self.writer = archives.ShardWriter(output_uri, shard_size, shard_bytes) if tar else None
+        self.held: dict[str, dict[str, Any]] = {}  # archive key -> its row, until its members are released
+        self.released: Counter = Counter()  # archive key -> member rows released
+        self.shards_committed = 0
+
+    def add(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Returns the rows now ready for the manifest (row dicts; an archive's own row has `num_rows`)."""
+        data, sidecars = row.pop("data", None), row.pop("sidecars", None)
+        if self.writer is None or row["status"] != "ok" or data is None:
+            return self._release([row])
+        files = [(row["output_key"], data)] + decode_sidecars(sidecars)
+        return self._release(self._committed(self.writer.add(files, row)))
+
+    def close(self) -> list[dict[str, Any]]:
+        """The last shard; archive rows still held (their members never all came back) are dropped: the archive is
+        read again next time."""
+        return self._release(self._committed(self.writer.close())) if self.writer else []
+
+    def abort(self) -> None:
+        if self.writer:
+            self.writer.abort()
+
+    def _committed(self, pairs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        self.shards_committed += len({shard for shard, _ in pairs})
+        return [{**row, "output_key": f"{shard}#{row['output_key']}"} for shard, row in pairs]
+
+    def _release(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ready = []
+        for row in rows:
+            if row.get("num_rows") is not None:
+                self.held[row["input_key"]] = row
+                continue
+            ready.append(row)
+            split = archives.split_member_key(row["input_key"])
+            if split:
+                self.released[split[0]] += 1
+        for key in [k for k, r in self.held.items() if self.released[k] >= r["num_rows"]]:
+            ready.append(self.held.pop(key))
+        return ready
