@@ -6,13 +6,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from genray.config import ConfigError, ProcessConfig, ServeFileConfig, TrainConfig, load_config
+from genray.config import ConfigError, PipelineConfig, ProcessConfig, ServeFileConfig, TrainConfig, load_config
 from genray.models import MODELS, get_spec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "tiny" / "denoise_ae.yaml"
 # configs/<kind>/*.yaml -> the class that reads it; a new kind must be added here (test_every_config_dir_is_known).
-CLASS_FOR_DIR = {"train": TrainConfig, "tiny": TrainConfig, "serve": ServeFileConfig, "process": ProcessConfig}
+CLASS_FOR_DIR = {"train": TrainConfig, "tiny": TrainConfig, "serve": ServeFileConfig, "process": ProcessConfig,
+                 "pipeline": PipelineConfig}
 ALL_YAML = sorted(p for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
