@@ -29,7 +29,8 @@ SHARD_RE = re.compile(r"shard-(\d{6,})\.tar")
 _MEMBER_KEY_RE = re.compile(r"^(.*?\.(?:tar|tar\.gz|tgz|zip))#(.*)$", re.IGNORECASE | re.DOTALL)
 _BRACE_RE = re.compile(r"\{([^{}]*)\}")
 _RANGE_RE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-# Everything a damaged tar/gzip/zip stream can raise while it is parsed, besides the storage layer's own errors.
+# Everything a damaged tar/gzip/zip stream can raise while it is parsed, besides the storage layer's own errors
+# (zipfile raises NotImplementedError for a compression method it does not support, RuntimeError for encryption).
 _FORMAT_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError,
                   NotImplementedError, RuntimeError)
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from genray import storage
 from genray.artifacts import ArtifactError, load_artifact
+from genray.images import center_crop
 from genray.metrics import psnr, rgb_to_y, ssim
 
 TASKS = ("superres", "denoise", "generate", "classify", "reconstruct")
@@ -70,14 +71,6 @@ def _fmt(value: float | None) -> str:
 
 
 # -- shared pieces --------------------------------------------------------------------------------------------
-
-def center_crop(image: np.ndarray, max_side: int = EVAL_MAX_SIDE, multiple: int = 1) -> np.ndarray:
-    """The central crop of at most max_side per side, each side a multiple of `multiple`."""
-    h, w = image.shape[:2]
-    ch, cw = min(h, max_side) // multiple * multiple, min(w, max_side) // multiple * multiple
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return image[y : y + ch, x : x + cw]
-
 
 def resize(image: np.ndarray, width: int, height: int, method: Image.Resampling) -> np.ndarray:
     """uint8 HWC (C = 1 or 3) resized with PIL, the resampler users' own scripts would reach for."""
@@ -182,7 +175,7 @@ def eval_denoise(loaded, images: list[np.ndarray], sigma: float | None = None, *
     if sigma is None:
         raise EvalError("--sigma is needed: the model's config does not say which noise it was trained for")
     rng = np.random.default_rng(NOISE_SEED)
-    cleans = [center_crop(im) for im in images]
+    cleans = [center_crop(im, EVAL_MAX_SIDE) for im in images]
     noisy = [add_gaussian_noise(c, sigma, rng) for c in cleans]
     outputs = {"model": _predictor(spec, cfg, model, meta)(noisy), "noisy input": noisy}
     for name, fn in classical_denoisers(sigma).items():

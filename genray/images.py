@@ -176,6 +176,14 @@ def encode_png(image: np.ndarray) -> bytes:
 
 # The one place the pixel-value rule is written: uint8 at the edges, float32 inside models,
 # in [-1, 1] for models ending in tanh and [0, 1] for models ending in sigmoid.
+def center_crop(image: np.ndarray, max_side: int, multiple: int = 1) -> np.ndarray:
+    """The central crop of at most max_side per side, each side a multiple of `multiple` (held-out evaluation)."""
+    h, w = image.shape[:2]
+    ch, cw = min(h, max_side) // multiple * multiple, min(w, max_side) // multiple * multiple
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return image[y : y + ch, x : x + cw]
+
+
 def _check_range(value_range: str) -> None:
     if value_range not in VALUE_RANGES:
         raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")

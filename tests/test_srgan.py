@@ -160,7 +160,7 @@ def test_evaluate_reports_sr_and_bicubic():
     assert 20 < result["psnr_bicubic_db"] < 50 and 0 < result["ssim_bicubic"] <= 1
     # Luma PSNR as SR papers report it: Y of the same uint8 images, 4-px border crop.
     assert result["psnr_y_gain_over_bicubic_db"] == pytest.approx(result["psnr_y_sr_db"] - result["psnr_y_bicubic_db"])
-    hr = srgan.center_crop(_photos()[1])
+    hr = srgan.center_crop(_photos()[1], srgan.EVAL_MAX_SIDE, srgan.SCALE)
     bicubic = srgan.bicubic_upscale(bicubic_downscale(hr))
     y_hr, y_bicubic = (metrics.rgb_to_y(x[4:-4, 4:-4]) for x in (hr, bicubic))
     assert result["psnr_y_bicubic_db"] != result["psnr_bicubic_db"]

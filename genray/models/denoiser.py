@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from genray.images import make_grid, to_float, to_uint8
+from genray.images import center_crop, make_grid, to_float, to_uint8
 from genray.metrics import psnr, ssim
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
@@ -98,13 +98,6 @@ def sample_grid(modules: dict[str, nn.Module], clean: torch.Tensor, cfg: PhotoDe
     return make_grid(tiles, nrow=clean.shape[0])
 
 
-def center_crop(image: np.ndarray, max_side: int = EVAL_MAX_SIDE) -> np.ndarray:
-    h, w = image.shape[:2]
-    ch, cw = min(h, max_side), min(w, max_side)
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return image[y : y + ch, x : x + cw]
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | None,
              cfg: PhotoDenoiserConfig) -> dict[str, float]:
@@ -114,7 +107,7 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
     generator = torch.Generator().manual_seed(EVAL_SEED)
     scores: dict[str, list[float]] = {k: [] for k in ("psnr_noisy_db", "psnr_denoised_db", "ssim_noisy", "ssim_denoised")}
     for image in images:
-        clean8 = center_crop(image)
+        clean8 = center_crop(image, EVAL_MAX_SIDE)
         noisy = add_noise(torch.from_numpy(to_float(clean8[None], "sigmoid")), cfg.noise_sigma, generator)
         denoised = model(noisy.to(device)).float().cpu()
         noisy8, denoised8 = (to_uint8(x.numpy(), "sigmoid")[0] for x in (noisy, denoised))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from genray.images import make_grid, to_float, to_uint8
+from genray.images import center_crop, make_grid, to_float, to_uint8
 from genray.metrics import psnr, rgb_to_y, ssim
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
@@ -300,14 +300,6 @@ def sample_grid(modules: dict[str, nn.Module], batch: tuple[torch.Tensor, torch.
     return make_grid(tiles, nrow=lr.shape[0])
 
 
-def center_crop(image: np.ndarray, max_side: int = EVAL_MAX_SIDE, multiple: int = SCALE) -> np.ndarray:
-    """The central crop of at most max_side per side, each side a multiple of `multiple`."""
-    h, w = image.shape[:2]
-    ch, cw = min(h, max_side) // multiple * multiple, min(w, max_side) // multiple * multiple
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return image[y : y + ch, x : x + cw]
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | None, cfg: SRGANConfig) -> dict[str, float]:
     """x4 SR of held-out photos vs bicubic x4 upscaling, on uint8 RGB (data range 255) with a 4-px border crop;
@@ -320,7 +312,7 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
     scores: dict[str, list[float]] = {k: [] for k in names}
     b = EVAL_BORDER
     for image in images:
-        hr = center_crop(image)
+        hr = center_crop(image, EVAL_MAX_SIDE, SCALE)
         lr = bicubic_downscale(hr)
         sr = to_uint8(model(torch.from_numpy(to_float(lr[None], "tanh")).to(device)).float().cpu().numpy(), "tanh")[0]
         bicubic = bicubic_upscale(lr)
