@@ -3,7 +3,8 @@ measured side by side in one run on loopback.
 
 Workload: x4 super-resolution with a CPU-sized SRResNet (32 features, 8 blocks; random-init weights: throughput
 depends on the architecture and the sizes, not on what the weights learned), 64x64 RGB crops of the embedded
-photos as PNG uploads, 256x256 PNG answers.
+photos as PNG uploads (--side), 256x256 PNG answers. Every phase runs on --device (auto: the GPU when there is one;
+Serve then gives each replica a GPU).
 - raw: Predictor forward passes on the already decoded images, batches of 8, no HTTP and no PNG. In one process at
   1 and at all-cores torch threads (the better one is (a), the issue's ceiling), and in Serve's own layout
   (--replicas processes x --threads threads), which isolates what HTTP + Serve cost.
@@ -18,6 +19,8 @@ machine's background load hits all of them alike. Ratios are medians of the per-
 On a shared machine wall-clock rates also depend on how many runnable threads a phase has (the scheduler shares
 the cores per thread), so CPU seconds per image are reported too (/proc of the serving processes, clients excluded):
 those measure what Serve itself costs, whatever else runs.
+Last, with the servers gone, the batching gain: per-image forward time at batch 1 over batch 8 at a few input
+sides, the most that sharing forward passes can win over one-at-a-time serving on this machine.
 Prints progress on stderr, then one JSON line with serve_vs_raw, serve_vs_uvicorn, p50_ms, p99_ms and the rest.
 """
 
@@ -49,8 +52,8 @@ else:  # run as a script: benchmarks/ is sys.path[0]
     import _common as common
 
 log = common.log
-SIDE = 64  # input side; outputs are 4x
 BATCH = 8
+GAIN_SIDES = (16, 32, 64)  # input sides of the batching-gain sweep
 TARGETS = {"serve_vs_raw": 0.7, "serve_vs_uvicorn": 1.5}
 
 
@@ -62,30 +65,41 @@ def free_port() -> int:
 
 # -- [1] raw batched forward ------------------------------------------------------------------------------------
 
-def raw_rate(predictor, images: list[np.ndarray], threads: int, seconds: float, barrier=None) -> tuple[float, float]:
-    """(images/s, CPU s per image) of batched Predictor forward passes on decoded images, in the calling process."""
+def raw_rate(predictor, images: list[np.ndarray], threads: int, seconds: float, barrier=None,
+             batch: int = BATCH) -> tuple[float, float]:
+    """(images/s, CPU s per image) of Predictor forward passes on decoded images, `batch` per call, in the calling
+    process."""
     torch.set_num_threads(threads)
-    predictor(images[:BATCH])  # warm-up: oneDNN picks its kernels on the first call of a shape (and thread count)
+    predictor(images[:batch])  # warm-up: oneDNN picks its kernels on the first call of a shape (and thread count)
     if barrier is not None:
         barrier.wait()  # the processes of one layout start their timed loops together
     done, started, cpu, i = 0, time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - started < seconds:
-        predictor([images[(i + k) % len(images)] for k in range(BATCH)])
-        done, i = done + BATCH, i + BATCH
+        predictor([images[(i + k) % len(images)] for k in range(batch)])
+        done, i = done + batch, i + batch
     return done / (time.perf_counter() - started), (time.process_time() - cpu) / done
 
 
-def load_predictor(model_uri: str):
+def load_predictor(model_uri: str, device: str):
     from genray.inference import Predictor
 
-    return Predictor.from_uri(model_uri, device="cpu", batch_size=BATCH)
+    return Predictor.from_uri(model_uri, device=device, batch_size=BATCH)
 
 
-def _raw_worker(model_uri, images, threads, seconds, barrier, results) -> None:
-    results.put(raw_rate(load_predictor(model_uri), images, threads, seconds, barrier))
+def batching_gain(predictor, side: int, threads: int, seconds: float) -> float:
+    """Per-image forward time at batch 1 over batch BATCH for `side`-pixel inputs: what dynamic batching can win
+    at most. Above 1 only where a forward pass has spare parallelism (GPUs, or tiny inputs on a CPU)."""
+    images = list(common.lr_crops(2 * BATCH, side, seed=1))
+    one, _ = raw_rate(predictor, images, threads, seconds, batch=1)
+    many, _ = raw_rate(predictor, images, threads, seconds, batch=BATCH)
+    return many / one
 
 
-def raw_rate_processes(model_uri: str, images: list[np.ndarray], processes: int, threads: int,
+def _raw_worker(model_uri, device, images, threads, seconds, barrier, results) -> None:
+    results.put(raw_rate(load_predictor(model_uri, device), images, threads, seconds, barrier))
+
+
+def raw_rate_processes(model_uri: str, device: str, images: list[np.ndarray], processes: int, threads: int,
                        seconds: float) -> tuple[float, float]:
     """(total images/s, mean CPU s per image) of `processes` spawned processes (`threads` torch threads each)
     running at once."""
@@ -93,7 +107,7 @@ def raw_rate_processes(model_uri: str, images: list[np.ndarray], processes: int,
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_raw_worker, args=(model_uri, images, threads, seconds, barrier, results))
+    procs = [ctx.Process(target=_raw_worker, args=(model_uri, device, images, threads, seconds, barrier, results))
              for _ in range(processes)]
     for proc in procs:
         proc.start()
@@ -161,27 +175,27 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def serve_pids() -> list[int]:
-    """This run's Serve request path: the HTTP proxy and every replica (gateway, model), below this process."""
+def serve_pids(app: str) -> list[int]:
+    """One application's request path: the HTTP proxy and the app's replicas, below this process."""
     return [pid for pid in common.descendants(os.getpid(), exclude=set())
-            if "ServeReplica:" in (title := common.cmdline(pid)) or "ProxyActor" in title]
+            if f"ServeReplica:{app}:" in (title := common.cmdline(pid)) or "ProxyActor" in title]
 
 
-def check_answer(url: str, payload: bytes) -> None:
+def check_answer(url: str, payload: bytes, side: int) -> None:
     r = requests.post(url, data=payload, timeout=900)
-    if r.status_code != 200 or decode_image(r.content).shape != (4 * SIDE, 4 * SIDE, 3):
+    if r.status_code != 200 or decode_image(r.content).shape != (4 * side, 4 * side, 3):
         raise RuntimeError(f"{url}: unexpected answer {r.status_code} {r.text[:200]}")
 
 
 # -- [3] bare uvicorn baseline ------------------------------------------------------------------------------------
 
-def run_uvicorn_server(model_uri: str, port: int, threads: int) -> None:
+def run_uvicorn_server(model_uri: str, device: str, port: int, threads: int) -> None:
     """The baseline server (run in a subprocess): everything inline in the event loop, one request at a time."""
     import uvicorn
     from fastapi import FastAPI, Request, Response
 
     torch.set_num_threads(threads)
-    predictor = load_predictor(model_uri)
+    predictor = load_predictor(model_uri, device)
     app = FastAPI()
 
     @app.get("/health")
@@ -196,10 +210,11 @@ def run_uvicorn_server(model_uri: str, port: int, threads: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_uvicorn(model_uri: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_uvicorn(model_uri: str, device: str, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--uvicorn-server", model_uri, "--port", str(port),
-                             "--threads", str(threads)], stdout=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--uvicorn-server", model_uri, "--device", device,
+                             "--port", str(port), "--threads", str(threads)],
+                            stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while True:
         try:
@@ -223,14 +238,35 @@ def start_serve(model_uri: str, args) -> str:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Logical CPUs are bookkeeping here: each replica's torch threads are set explicitly (num_threads).
+    # Logical CPUs are bookkeeping here: each replica's torch threads are set explicitly (num_threads). On a GPU
+    # machine each replica gets a whole GPU, where its Predictor runs (bf16 autocast).
     deploy_app({"models": {"superres": {
         "uri": model_uri, "num_replicas": args.replicas, "num_threads": args.threads, "num_cpus": 0.5,
+        "num_gpus": 1 if args.device == "cuda" else 0,
         # A partial batch waits up to 50 ms (a fifth of one image's forward pass here) for company: shorter, and
         # requests trickling in from the gateway rarely meet in a batch.
         "max_batch_size": BATCH, "batch_wait_timeout_s": 0.05, "max_queued_requests": 4 * args.clients}},
         "gateway": {"num_cpus": 0.1}})
     return f"http://127.0.0.1:{port}"
+
+
+def start_floor() -> str:
+    """A second Serve application whose one FastAPI replica echoes the body: what the proxy and one replica hop cost
+    per request with no model and no PNG work, the least any Serve app pays (genray's path has two hops)."""
+    from fastapi import FastAPI, Request, Response
+    from ray import serve
+
+    echo_app = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+    @serve.ingress(echo_app)
+    class Echo:
+        @echo_app.post("/")
+        async def echo(self, request: Request) -> Response:
+            return Response(await request.body(), media_type="image/png")
+
+    serve.run(Echo.bind(), name="floor", route_prefix="/floor")
+    return "/floor/"
 
 
 def main() -> None:
@@ -240,16 +276,23 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="timed window of each phase in each round")
     p.add_argument("--warmup", type=float, default=3.0, help="untimed load before each HTTP phase's window")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=os.cpu_count(), help="Serve replicas of the model")
+    p.add_argument("--side", type=int, default=64, help="input side in pixels (outputs are 4x)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where every phase runs its forward passes (auto: cuda when a GPU is visible)")
+    p.add_argument("--replicas", type=int, help="Serve replicas of the model (default: one per core, or per GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per Serve replica")
     p.add_argument("--uvicorn-server", metavar="MODEL_URI", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.uvicorn_server:
-        return run_uvicorn_server(args.uvicorn_server, args.port, args.threads)
+        return run_uvicorn_server(args.uvicorn_server, args.device, args.port, args.threads)
     if args.smoke_test:
         args.rounds, args.seconds, args.warmup, args.clients = 1, 3.0, 1.0, 4
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = os.cpu_count() or 1
+    if args.replicas is None:
+        args.replicas = torch.cuda.device_count() if args.device == "cuda" else cores
     thread_options = sorted({1, cores})
     layout = f"{args.replicas}x{args.threads}"  # processes x threads
 
@@ -260,34 +303,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genray-serve-bench-") as tmp:
         model_uri = str(Path(tmp) / "srresnet")
         common.save_srresnet(model_uri)
-        images = list(common.lr_crops(64, SIDE))
+        images = list(common.lr_crops(64, args.side))
         payloads = [encode_png(im) for im in images]
-        predictor = load_predictor(model_uri)
+        predictor = load_predictor(model_uri, args.device)
         try:
             # [0] Every server up (and checked) before any timing; idle servers wait while others are measured.
             log(f"[0] starting uvicorn servers ({', '.join(map(str, thread_options))} thread(s)) and Ray Serve "
                 f"({args.replicas} replica(s) x {args.threads} thread(s)) ...")
             uvicorn_urls, uvicorn_pids = {}, {}
             for t in thread_options:
-                proc, uvicorn_urls[t] = start_uvicorn(model_uri, t)
+                proc, uvicorn_urls[t] = start_uvicorn(model_uri, args.device, t)
                 servers.append(proc)
                 uvicorn_pids[t] = [proc.pid]
-            serve_url = start_serve(model_uri, args) + "/superres"
+            serve_root = start_serve(model_uri, args)
+            serve_url, floor_url = serve_root + "/superres", serve_root + start_floor()
             for url in [*uvicorn_urls.values(), serve_url]:
-                check_answer(url, payloads[0])
-            pids = serve_pids()
+                check_answer(url, payloads[0], args.side)
+            pids, floor_pids = serve_pids("genray"), serve_pids("floor")
             rounds = []
             for r in range(args.rounds):
                 fig: dict = {"raw": {}, "raw_cpu": {}, "uvicorn": {}}
                 runs = {f"1x{t}": lambda t=t: raw_rate(predictor, images, t, args.seconds) for t in thread_options}
-                runs.setdefault(layout, lambda: raw_rate_processes(model_uri, images, args.replicas, args.threads,
-                                                                   args.seconds))
+                runs.setdefault(layout, lambda: raw_rate_processes(model_uri, args.device, images, args.replicas,
+                                                                   args.threads, args.seconds))
                 for key, run in runs.items():  # [1] raw: one process, and Serve's layout
                     fig["raw"][key], fig["raw_cpu"][key] = run()
                 for t, url in uvicorn_urls.items():  # [2] uvicorn, one request at a time
                     fig["uvicorn"][t] = drive(url, payloads, args.clients, args.seconds, args.warmup,
                                               uvicorn_pids[t])
                 fig["serve"] = drive(serve_url, payloads, args.clients, args.seconds, args.warmup, pids)  # [3]
+                fig["floor"] = drive(floor_url, payloads, args.clients, args.seconds, args.warmup, floor_pids)
                 rounds.append(fig)
                 log(f"round {r + 1}: raw " + ", ".join(f"{k} {v:.2f}" for k, v in fig["raw"].items())
                     + " img/s; uvicorn " + ", ".join(f"{t} thr {v['rps']:.2f}" for t, v in fig["uvicorn"].items())
@@ -295,7 +340,9 @@ def main() -> None:
                     + ", ".join(f"{k} {1000 * v:.0f}" for k, v in fig["raw_cpu"].items())
                     + ", uvicorn " + ", ".join(f"{t} thr {1000 * v['cpu_per_request']:.0f}"
                                               for t, v in fig["uvicorn"].items())
-                    + f", serve {1000 * fig['serve']['cpu_per_request']:.0f} ({len(pids)} processes)")
+                    + f", serve {1000 * fig['serve']['cpu_per_request']:.0f} ({len(pids)} processes)"
+                    + f"; Serve echo app {fig['floor']['rps']:.0f} req/s, {1000 * fig['floor']['cpu_per_request']:.1f}"
+                    " CPU ms per request")
             models = requests.get(serve_url.removesuffix("/superres") + "/models", timeout=60).json()["models"]
         finally:
             for proc in servers:
@@ -304,6 +351,12 @@ def main() -> None:
             if ray.is_initialized():
                 serve.shutdown()
                 ray.shutdown()
+        # [4] With the servers gone: how much one batched forward saves per image at a few input sizes.
+        gain_seconds = min(args.seconds, 4.0)
+        gains = {side: batching_gain(predictor, side, cores, gain_seconds)
+                 for side in sorted({*GAIN_SIDES, args.side})}
+        log("batching gain (per-image forward, batch 1 / batch %d, %d threads): %s" % (
+            BATCH, cores, ", ".join(f"{side}px {g:.2f}x" for side, g in gains.items())))
 
     def per_round(value) -> float:
         return statistics.median(value(f) for f in rounds)
@@ -347,7 +400,19 @@ def main() -> None:
         "clients": args.clients, "replicas": args.replicas, "threads_per_replica": args.threads,
         "rounds": args.rounds, "seconds": args.seconds, "cores": cores,
         "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine; ratios matter, not rates
-        "model": "srresnet 32x8 random-init, 64x64 RGB -> 256x256", "smoke_test": args.smoke_test,
+        # What HTTP + Serve cost per image on top of the same forward passes (PNG decode/encode included).
+        "serve_overhead_cpu_ms": round(1000 * per_round(lambda f: f["serve"]["cpu_per_request"]
+                                                        - f["raw_cpu"][layout]), 1),
+        # Per-image forward at batch 1 over batch BATCH, by input side: the most dynamic batching can win over
+        # one-at-a-time serving. serve_vs_uvicorn can only pass 1.5 where this is well above 1.5.
+        # Proxy + one replica, echoing the upload: the CPU any Serve request costs on this machine before any work.
+        "serve_floor_cpu_ms": round(1000 * per_round(lambda f: f["floor"]["cpu_per_request"]), 1),
+        "serve_floor_rps": round(per_round(lambda f: f["floor"]["rps"]), 1),
+        "batching_gain": round(gains[args.side], 3),
+        "batching_gain_by_side": {str(side): round(g, 3) for side, g in gains.items()},
+        "device": args.device,
+        "model": f"srresnet 32x8 random-init, {args.side}x{args.side} RGB -> {4 * args.side}x{4 * args.side}",
+        "smoke_test": args.smoke_test,
     }
     result["targets_met"] = {k: result[k] >= v for k, v in TARGETS.items()}
     print(json.dumps(result), flush=True)
