@@ -12,6 +12,8 @@ Serve then gives each replica a GPU).
   inline in the event loop, so requests are served one at a time. At 1 and all-cores threads; the better one is (b).
 - serve: `genray.serving.app.build_app` on a local Ray: HTTP proxy -> gateway (decode) -> the superres deployment
   (@serve.batch, max_batch_size 8), --replicas replicas x --threads torch threads.
+- floor: a second Serve application whose one FastAPI replica echoes the upload (no model, no PNG work): what any
+  Serve request costs before it does anything.
 HTTP phases: --clients (16) threads, each with its own keep-alive requests.Session, posting back to back; a phase
 counts the requests completed inside its timed window (after a warm-up), latencies are theirs.
 Every server starts once; then --rounds rounds each run every phase for --seconds, interleaved, so a change in the
@@ -403,11 +405,11 @@ def main() -> None:
         # What HTTP + Serve cost per image on top of the same forward passes (PNG decode/encode included).
         "serve_overhead_cpu_ms": round(1000 * per_round(lambda f: f["serve"]["cpu_per_request"]
                                                         - f["raw_cpu"][layout]), 1),
-        # Per-image forward at batch 1 over batch BATCH, by input side: the most dynamic batching can win over
-        # one-at-a-time serving. serve_vs_uvicorn can only pass 1.5 where this is well above 1.5.
         # Proxy + one replica, echoing the upload: the CPU any Serve request costs on this machine before any work.
         "serve_floor_cpu_ms": round(1000 * per_round(lambda f: f["floor"]["cpu_per_request"]), 1),
         "serve_floor_rps": round(per_round(lambda f: f["floor"]["rps"]), 1),
+        # Per-image forward at batch 1 over batch BATCH, by input side: the most dynamic batching can win over
+        # one-at-a-time serving. serve_vs_uvicorn can only pass 1.5 where this is well above 1.5.
         "batching_gain": round(gains[args.side], 3),
         "batching_gain_by_side": {str(side): round(g, 3) for side, g in gains.items()},
         "device": args.device,
