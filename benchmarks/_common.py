@@ -1,7 +1,7 @@
 """Shared pieces of the bulk-job benchmarks: a local S3 server + Ray session, LR photo crops, a random-init
 SRResNet artefact, and peak-memory sampling of a process tree from /proc (psutil is not installed).
 
-Not a benchmark itself (`make bench` skips files starting with `_`). Import it after prepare_local_env().
+Not a benchmark itself (`make bench` skips files starting with `_`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from genray import storage
-from genray.artifacts import save_artifact
+from genray.model_artifact import save_artifact
 from genray.datasets import load_embedded
 from genray.images import encode_png
 from genray.models import get_spec

@@ -20,9 +20,7 @@ import json
 import os
 import sys
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()  # before ray is imported: loopback-only local Ray
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 from genray import archives, storage  # noqa: E402
 from genray.config import ProcessConfig  # noqa: E402
@@ -52,12 +50,12 @@ def upload(pngs: list[bytes], shard_size: int) -> str:
 
 def run_job(name: str, input_uri: str, output_format: str, args, run: int) -> float:
     """images/s of the whole run_process_job call."""
-    from genray.batch import pipeline
+    from genray.process import job
 
     cfg = ProcessConfig(task="superres", input_uri=input_uri, output_uri=f"{common.BUCKET}/out-{name}-{run}",
                         model_uri=MODEL_URI, batch_size=args.batch_size, forward_batch_size=1, concurrency=2,
                         cpus_per_actor=1.0, output_format=output_format, shard_size=args.shard_size)
-    seconds, summary = common.timed(pipeline.run_process_job, cfg, log=common.log)
+    seconds, summary = common.timed(job.run_process_job, cfg, log=common.log)
     if summary.counts["ok"] != args.num_images or summary.counts["error"]:
         raise RuntimeError(f"job {name} did not process every image:\n{summary.table()}")
     common.log(f"{name} (run {run}): {args.num_images / seconds:.3f} images/s ({seconds:.1f} s)")

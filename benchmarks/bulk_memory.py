@@ -22,9 +22,7 @@ import os
 import subprocess
 import sys
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()  # before ray is imported: loopback-only local Ray
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 from genray.config import ProcessConfig  # noqa: E402
 
@@ -39,7 +37,7 @@ UNTILED = 1 << 30  # a tile larger than any image: the Predictor makes one piece
 
 def run_job_measured(name: str, input_uri: str, s3_pid: int, **job) -> dict:
     """Run one bulk job while sampling the memory of this process tree; returns its figures prefixed by name."""
-    from genray.batch.pipeline import run_process_job
+    from genray.process.job import run_process_job
 
     cfg = ProcessConfig(task="superres", input_uri=input_uri, output_uri=f"{common.BUCKET}/out-{name}",
                         model_uri=MODEL_URI, **job)

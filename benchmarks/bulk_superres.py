@@ -17,7 +17,7 @@ Workload: N (default 256) 128x128 crops of the embedded photos as PNGs in S3, a 
 - naive: for each key, in this process with 2 threads: boto3 GET -> Pillow decode -> Predictor on the one image
   -> PNG encode -> boto3 PUT; per-stage times are reported too (where the time of a non-overlapped loop goes).
   At --latency-ms (the headline) and at 0 ms.
-- bulk: genray.batch.pipeline.run_process_job over the S3 server at --latency-ms, for each actor layout in
+- bulk: genray.process.job.run_process_job over the S3 server at --latency-ms, for each actor layout in
   --layouts. Ray is started once before all jobs and not timed. Per layout:
   * wall: the whole run_process_job call for the N-image job, i.e. what a user waits for after `ray.init`:
     listing, model actor start + artefact load, read/decode/forward/encode/write, manifest. The headline ratios.
@@ -35,9 +35,7 @@ import subprocess
 import sys
 import time
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()  # before ray is imported: loopback-only local Ray
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 import torch  # noqa: E402
 
@@ -55,7 +53,7 @@ MODEL_URI = f"{common.BUCKET}/models/srresnet"
 INPUT_URI = f"{common.BUCKET}/in"
 HALF_URI = f"{common.BUCKET}/in-half"  # the first half of the inputs, for the steady-state difference
 WARM_URI = f"{common.BUCKET}/in-warm"  # 2 images for an untimed first job: Ray Data's one-off start-up
-# Actor layouts of the bulk job on 2 cores: name -> (concurrency, cpus_per_actor). pipeline.actor_cpus keeps 0.5
+# Actor layouts of the bulk job on 2 cores: name -> (concurrency, cpus_per_actor). job.actor_cpus keeps 0.5
 # CPU back for Ray Data (2x1: 0.75 CPU, 1 thread each; 1x2: 1.5 CPUs, 2 threads).
 LAYOUTS = {"2x1": (2, 1.0), "1x2": (1, 2.0)}
 
@@ -139,16 +137,16 @@ def measure_naive(predictor: Predictor, keys: list[str]) -> tuple[float, dict[st
 def run_job(input_uri: str, output_uri: str, concurrency: int, cpus_per_actor: float, batch_size: int,
             forward_batch_size: int | None = None) -> tuple[float, dict]:
     """(seconds of the whole run_process_job call, the actor placement the pipeline derived from the config)."""
-    from genray.batch import pipeline
+    from genray.process import job
 
     cfg = ProcessConfig(task="superres", input_uri=input_uri, output_uri=output_uri, model_uri=MODEL_URI,
                         batch_size=batch_size, forward_batch_size=forward_batch_size, concurrency=concurrency,
                         cpus_per_actor=cpus_per_actor)
-    seconds, summary = common.timed(pipeline.run_process_job, cfg, log=common.log)
+    seconds, summary = common.timed(job.run_process_job, cfg, log=common.log)
     if summary.counts["ok"] == 0 or summary.counts["error"]:
         raise RuntimeError(f"bulk job {output_uri} did not process every image:\n{summary.table()}")
-    cpus = pipeline.actor_cpus(cfg)
-    return seconds, {"actor_cpus": round(cpus, 2), "threads_per_actor": pipeline.actor_threads(cpus)}
+    cpus = job.actor_cpus(cfg)
+    return seconds, {"actor_cpus": round(cpus, 2), "threads_per_actor": job.actor_threads(cpus)}
 
 
 def measure_bulk(name: str, keys: list[str], batch_size: int, forward_batch_size: int) -> dict:

@@ -29,7 +29,6 @@ Prints progress on stderr, then one JSON line with serve_vs_raw, serve_vs_uvicor
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,15 +37,14 @@ import threading
 import time
 from pathlib import Path
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()  # before ray is imported: loopback-only local Ray
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
 from genray.images import decode_image, encode_png  # noqa: E402
+from genray.runtime import free_port  # noqa: E402
 
 if __package__:  # imported as benchmarks.serve_throughput
     from benchmarks import _common as common
@@ -57,12 +55,6 @@ log = common.log
 BATCH = 8
 GAIN_SIDES = (16, 32, 64)  # input sides of the batching-gain sweep
 TARGETS = {"serve_vs_raw": 0.7, "serve_vs_uvicorn": 1.5}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- [1] raw batched forward ------------------------------------------------------------------------------------

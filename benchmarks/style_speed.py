@@ -3,7 +3,7 @@ Gatys et al. 2016's optimisation of the image (--iterations Adam steps through V
 
 Both run in this process with torch threads = all cores (--threads). The fast network is the default
 StyleNetConfig (widths 32/64/128, 5 residual blocks) through the Predictor, as bulk jobs and serving run it: the
-median of --repeats calls after one warm-up call. Gatys is genray.models.style.gatys_transfer, timed end to end
+median of --repeats calls after one warm-up call. Gatys is genray.models.style_net.gatys_transfer, timed end to end
 (content features, style Grams, then the iterations). Weights are random (style net) and untrained (VGG19: none
 exist offline): the cost of a forward or an Adam step does not depend on the weights, so the times are those of
 trained models.
@@ -23,11 +23,11 @@ import warnings
 import numpy as np
 import torch
 
-from genray.artifacts import save_artifact
+from genray.model_artifact import save_artifact
 from genray.datasets import load_embedded
 from genray.inference import Predictor
 from genray.models import get_spec
-from genray.models.style import GATYS_LAYERS, builtin_style, gatys_transfer
+from genray.models.style_net import GATYS_LAYERS, builtin_style, gatys_transfer
 from genray.models.vgg import load_vgg19_features
 
 

@@ -20,9 +20,7 @@ import sys
 import tempfile
 import time
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()  # before ray is imported: loopback-only local Ray
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402

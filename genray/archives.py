@@ -2,7 +2,7 @@
 
 Reading streams members from storage and trusts neither a member's name nor its type (no tar-slip: absolute
 names, '..', links and devices are refused, never followed); writing makes WebDataset-style shards, each written
-once and atomically. No Ray here: bulk jobs (genray.batch.archives) and `genray data export` share it.
+once and atomically. No Ray here: bulk jobs (genray.process.read_stage) and `genray data export` share it.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from genray.config import ConfigError
 
 # Errors a user can fix; printed as one line instead of a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from genray.artifacts import ArtifactError
+    from genray.model_artifact import ArtifactError
     from genray.evaluation import EvalError
-    from genray.batch.pipeline import JobError
+    from genray.process.job import JobError
     from genray.images import ImageError
     from genray.storage import StorageError
     from genray.submit import SubmitError
@@ -68,7 +68,7 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from genray.batch.pipeline import run_process_job
+    from genray.process.job import run_process_job
     from genray.runtime import init_ray
 
     cfg = process_config_from_args(args)
@@ -119,7 +119,7 @@ def serve_until_stopped(url: str) -> None:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     import os
 
-    from genray.pipeline import GateFailed, load_pipeline_config, run_pipeline
+    from genray.pipeline.stages import GateFailed, load_pipeline_config, run_pipeline
     from genray.runtime import init_ray
 
     cfg, train_cfg = load_pipeline_config(args.config, args.set)
@@ -302,9 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from genray.runtime import prepare_local_env
-
-    prepare_local_env()  # before anything imports ray: a local Ray then listens on 127.0.0.1 only
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -326,9 +323,6 @@ def smoke_output(verb: str, argv: list[str]) -> tuple[str, list[str]]:
 def job_main(verb: str, argv: list[str] | None, smoke_test_args) -> int:
     """The `jobs/<verb>.py` entry points: `genray <verb> ARGS`, or with --smoke-test the arguments that
     `smoke_test_args(rest)` makes (after writing its data) for a seeded tiny run."""
-    from genray.runtime import prepare_local_env
-
-    prepare_local_env()  # before anything imports ray
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--smoke-test" in argv:
         argv.remove("--smoke-test")

@@ -7,7 +7,6 @@ lands in a local folder, because the S3 server keeps its buckets in memory and s
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -15,17 +14,12 @@ import numpy as np
 
 from genray import storage
 from genray.images import decode_image, encode_png
+from genray.runtime import free_port
 
 DATA = "s3://genray-data"
 RUNS = "s3://genray-runs"
 NOISE_STD = 0.4  # the model's default training noise, on [0, 1] pixels
 NUM_NOISY = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(n: int, text: str) -> float:
@@ -52,8 +46,8 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
     from ray import serve
     import requests
 
-    from genray.artifacts import read_meta
-    from genray.batch.pipeline import run_process_job
+    from genray.model_artifact import read_meta
+    from genray.process.job import run_process_job
     from genray.config import ProcessConfig, TrainConfig
     from genray.datasets import export_dataset
     from genray.metrics import mean_psnr
@@ -123,7 +117,7 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         timings["bulk"] = time.perf_counter() - t
 
         t = _step(5, "Ray Serve: POST /denoise on 127.0.0.1")
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"models": {"denoise": {"uri": result.model_uri}}}), name="genray", route_prefix="/")
         url = f"http://127.0.0.1:{port}/denoise"

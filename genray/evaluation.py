@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from genray import storage
-from genray.artifacts import ArtifactError, load_artifact
+from genray.model_artifact import ArtifactError, load_artifact
 from genray.images import center_crop
 from genray.metrics import psnr, rgb_to_y, ssim
 

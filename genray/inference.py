@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genray.artifacts import load_artifact
+from genray.model_artifact import load_artifact
 from genray.images import TileCanvas, split_tiles, to_float, to_uint8
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Set before any Ray process starts (ENVIRONMENT.md): keep every Ray listener on 127.0.0.1, no usage stats,
 # and a short Ray Train health-check poll (the default makes each ray.train.report block ~2 s).
@@ -30,3 +31,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     prepare_local_env()  # for the Ray processes started below (the driver may have imported ray already)
     return ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                     logging_level="WARNING" if quiet else "INFO")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for servers the tests, the demo and the local cluster start)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

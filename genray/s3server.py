@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+
+from genray.runtime import free_port
 
 
 # Runs `python -m moto.server ARGS`, but first asks Linux to SIGTERM the server when the process that started
@@ -48,12 +49,6 @@ if latency_file:  # every request first sleeps the milliseconds written in this 
 sys.argv = ["moto.server"] + sys.argv[3:]
 runpy.run_module("moto.server", run_name="__main__", alter_sys=True)
 """
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class LocalS3Server:
@@ -98,7 +93,7 @@ class LocalS3Server:
         # Picking a free port then binding it later can race with another process; retry on a fresh port.
         attempts = 1 if self._fixed_port else 3
         for attempt in range(attempts):
-            self.port = self._fixed_port or _free_port(self.host)
+            self.port = self._fixed_port or free_port(self.host)
             try:
                 self._spawn_and_wait(timeout=30.0)
                 return self

@@ -161,7 +161,7 @@ def job_arguments(verb: str, args: list[str], working_dir: str) -> tuple[list[st
         cfg = load_config(ns.config, overrides)
         uris = {"output_uri": cfg.output_uri, "data.uri": cfg.data.uri}
     elif verb == "pipeline":
-        from genray.pipeline import load_pipeline_config
+        from genray.pipeline.stages import load_pipeline_config
 
         cfg, train_cfg = load_pipeline_config(ns.config, ns.set)
         for path in [cfg.train] + ([cfg.serve.config] if cfg.serve and cfg.serve.config else []):  # read by the job, from what it ships

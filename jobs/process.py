@@ -21,7 +21,7 @@ def smoke_test_args(argv: list[str]) -> list[str]:
     import torch
 
     from genray import storage
-    from genray.artifacts import save_artifact
+    from genray.model_artifact import save_artifact
     from genray.datasets import load_embedded
     from genray.images import encode_png
     from genray.models import get_spec

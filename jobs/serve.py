@@ -17,7 +17,6 @@ import tempfile
 import time
 
 from genray.cli import main as genray_main
-from genray.runtime import prepare_local_env
 
 
 def smoke_config(output: str, port: int | None):
@@ -25,7 +24,7 @@ def smoke_config(output: str, port: int | None):
     import torch
 
     from genray import storage
-    from genray.artifacts import save_artifact
+    from genray.model_artifact import save_artifact
     from genray.config import ServeFileConfig
     from genray.models import get_spec
 
@@ -98,7 +97,6 @@ def smoke_test(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_local_env()  # before anything imports ray
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--smoke-test" in argv:
         from genray.cli import _user_errors

@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 from genray import storage  # noqa: E402
 from train_zoo import local_storage_with_data  # noqa: E402
@@ -31,7 +29,7 @@ def main(argv: list[str]) -> int:
 
     from ray import serve
 
-    from genray.pipeline import GateFailed, load_pipeline_config, run_pipeline
+    from genray.pipeline.stages import GateFailed, load_pipeline_config, run_pipeline
     from genray.runtime import init_ray
 
     with local_storage_with_data():

@@ -13,9 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from genray.runtime import prepare_local_env
-
-prepare_local_env()
+import genray  # noqa: F401  (first: importing genray sets Ray's local env before ray is imported)
 
 from genray import storage  # noqa: E402
 from genray.config import load_config  # noqa: E402

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import tempfile
 
 import pytest
@@ -27,7 +26,10 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from genray import storage  # noqa: E402
+from genray.runtime import free_port  # noqa: E402
 from genray.s3server import LocalS3Server  # noqa: E402
+
+from helpers import load_ray_local, save_untrained_artifact, tiny_train_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,12 +39,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -144,16 +140,6 @@ def digits_uri(s3_server) -> str:
     return uri
 
 
-def tiny_train_config(digits_uri: str, output_uri: str, name: str = "tiny", **train):
-    """configs/tiny/denoise_ae.yaml pointed at the test digits and `output_uri`."""
-    from genray.config import load_config
-
-    overrides = [f"data.uri={digits_uri}/train/", f"data.held_out_uri={digits_uri}/test/",
-                 f"output_uri={output_uri}", f"name={name}", "data.limit=null"]
-    overrides += [f"train.{k}={v}" for k, v in train.items()]
-    return load_config("configs/tiny/denoise_ae.yaml", overrides)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(ray_session, digits_uri):
     """A tiny denoising AE trained once with 2 Ray Train workers; yields (TrainConfig, TrainResult)."""
@@ -175,21 +161,6 @@ def photos_uri(s3_server) -> str:
     return uri
 
 
-def save_untrained_artifact(uri: str, family: str, seed: int = 0, **options) -> str:
-    """A model artefact of the family's tiny config with seeded random weights (bulk-job plumbing does not
-    depend on what the weights learned). Returns the URI."""
-    import torch
-
-    from genray.artifacts import save_artifact
-    from genray.models import get_spec
-
-    spec = get_spec(family)
-    cfg = spec.config_cls.tiny().model_copy(update=options)
-    torch.manual_seed(seed)
-    save_artifact(uri, spec, cfg, spec.build(cfg).eval(), {})
-    return uri
-
-
 @pytest.fixture(scope="session")
 def sr_model_uri(s3_server) -> str:
     """An untrained tiny x4 SRResNet artefact in S3."""
@@ -207,12 +178,12 @@ def style_model_uri(s3_server) -> str:
 # -- Serve: every servable family as an untrained tiny artefact, and one app serving them all -----------------
 
 @pytest.fixture(scope="session")
-def serve_zoo_uris(s3_server, tmp_path_factory) -> dict[str, dict[str, str]]:
+def serve_family_uris(s3_server, tmp_path_factory) -> dict[str, dict[str, str]]:
     """{"models": endpoint name -> artefact, "styles": style name -> artefact}: untrained tiny artefacts of every
     family the Serve app routes. Image models and styles in S3, the rest on local disk (both kinds of URI load);
     styles differ by seed, so each one's output differs."""
     storage.ensure_bucket("s3://genray-test-models")
-    s3, local = "s3://genray-test-models/serve-zoo", tmp_path_factory.mktemp("serve-zoo")
+    s3, local = "s3://genray-test-models/serve-families", tmp_path_factory.mktemp("serve-families")
     models = {
         "denoise": save_untrained_artifact(f"{s3}/photo_denoiser", "photo_denoiser"),
         "superres": save_untrained_artifact(f"{s3}/srgan", "srgan"),
@@ -227,8 +198,8 @@ def serve_zoo_uris(s3_server, tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def serve_zoo(serve_http, serve_zoo_uris):
-    """One app serving every family under /zoo, for one test module (its replicas hold CPU that Ray Train
+def serve_families(serve_http, serve_family_uris):
+    """One app serving every family under /families, for one test module (its replicas hold CPU that Ray Train
     workers of later modules need). Yields (base URL, the app's args)."""
     from ray import serve
 
@@ -236,32 +207,20 @@ def serve_zoo(serve_http, serve_zoo_uris):
 
     small = {"num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.05}
     args = {
-        "models": {name: {"uri": uri, **small} for name, uri in serve_zoo_uris["models"].items()},
-        "styles": {"uris": serve_zoo_uris["styles"], "max_styles_per_replica": 2, **small},
+        "models": {name: {"uri": uri, **small} for name, uri in serve_family_uris["models"].items()},
+        "styles": {"uris": serve_family_uris["styles"], "max_styles_per_replica": 2, **small},
         "gateway": {"num_cpus": 0.05},
         "max_body_bytes": 2_000_000,
         "max_pixels": 1_000_000,
         "max_output_pixels": 4_000_000,
         "max_images": 32,
     }
-    serve.run(build_app(args), name="zoo", route_prefix="/zoo")
-    yield f"{serve_http}/zoo", args
-    serve.delete("zoo")
+    serve.run(build_app(args), name="families", route_prefix="/families")
+    yield f"{serve_http}/families", args
+    serve.delete("families")
 
 
 # -- a real multi-node Ray on this host (cluster/local/ray_local.py), apart from the session's local Ray --------
-
-def load_ray_local():
-    """cluster/local/ray_local.py as a module (it is a script, not part of the genray package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "cluster" / "local" / "ray_local.py"
-    spec = importlib.util.spec_from_file_location("ray_local", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="session")
 def multinode_cluster(s3_server):

@@ -15,13 +15,12 @@ import pytest
 import ray
 
 from genray import archives, storage
-from genray.batch.pipeline import JobError, ProcessImages, run_process_job
+from genray.process.job import JobError, ProcessImages, run_process_job
 from genray.config import ProcessConfig
 from genray.datasets import export_dataset
 from genray.images import decode_image, encode_png
 
-from test_batch import read_manifest_table
-from test_cli import genray
+from helpers import genray, read_manifest_table
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FailAt below runs in Ray's workers
 

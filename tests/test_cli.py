@@ -6,25 +6,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
 from genray import storage
-from genray.artifacts import read_meta
+from genray.model_artifact import read_meta
 from genray.images import decode_image, encode_png
 
-from conftest import free_port
+from helpers import GENRAY, free_port, genray, read_manifest_table
 
-GENRAY = str(Path(sys.executable).with_name("genray"))
 VERBS = [[], ["data"], ["data", "export"], ["train"], ["eval"], ["process"], ["serve"], ["demo"]]
-
-
-def genray(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([GENRAY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v) or "genray")
@@ -150,7 +143,6 @@ def test_killed_driver_is_recovered_by_rerunning_the_command(sr_model_uri, s3_bu
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[genray] [" in r.stdout  # the progress line
     assert sorted(outputs()) == keys
-    from test_batch import read_manifest_table
 
     assert sorted(row["input_key"] for row in read_manifest_table(f"{s3_bucket}/out").to_pylist()) == keys
     again = genray(*args)

@@ -19,7 +19,7 @@ from genray import storage
 from genray.images import encode_png
 from genray.submit import build_job, wait_until_done
 
-from test_batch import read_manifest_table
+from helpers import read_manifest_table
 
 REPO = str(Path(__file__).resolve().parent.parent)
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -15,8 +15,7 @@ from genray.evaluation import evaluate_model, image_scores
 from genray.images import decode_image
 from genray.metrics import rgb_to_y
 
-from conftest import save_untrained_artifact
-from test_cli import genray
+from helpers import genray, save_untrained_artifact
 
 
 def _rgb_pairs():

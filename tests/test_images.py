@@ -1,6 +1,5 @@
 """genray.images: safe decoding of every format we accept, the float rule, grids, and exact tiling."""
 
-import io
 import struct
 import zlib
 
@@ -12,26 +11,18 @@ from scipy.ndimage import uniform_filter
 from genray import images
 from genray.images import ImageError, ImageTooLargeError
 
+from helpers import image_bytes, png_chunk
+
 
 def _rgb(height=24, width=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _png_header(width: int, height: int) -> bytes:
     """A tiny PNG whose IHDR claims width x height (8-bit RGB) but which carries only one row of pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (1 + 3 * width))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 # --- decoding ---------------------------------------------------------------------------------------------
@@ -39,8 +30,8 @@ def _png_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP_LOSSLESS"])
 def test_decode_lossless_formats_exact(fmt):
     array = _rgb()
-    data = _save(Image.fromarray(array), "WEBP", lossless=True) if fmt == "WEBP_LOSSLESS" else \
-        _save(Image.fromarray(array), fmt)
+    data = image_bytes(Image.fromarray(array), "WEBP", lossless=True) if fmt == "WEBP_LOSSLESS" else \
+        image_bytes(Image.fromarray(array), fmt)
     out = images.decode_image(data)
     assert out.dtype == np.uint8 and out.flags.c_contiguous
     np.testing.assert_array_equal(out, array)
@@ -50,14 +41,14 @@ def test_decode_lossless_formats_exact(fmt):
 def test_decode_lossy_formats_close(fmt):
     array = np.zeros((32, 48, 3), np.uint8)
     array[:, :24] = (200, 30, 30)
-    out = images.decode_image(_save(Image.fromarray(array), fmt, quality=95))
+    out = images.decode_image(image_bytes(Image.fromarray(array), fmt, quality=95))
     assert out.shape == (32, 48, 3)
     assert np.abs(out.astype(int) - array).mean() < 6
 
 
 def test_decode_gif_first_frame_palette_to_rgb():
     frames = [Image.new("RGB", (16, 8), color) for color in [(255, 0, 0), (0, 0, 255)]]
-    data = _save(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    data = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
     out = images.decode_image(data)
     assert out.shape == (8, 16, 3)
     np.testing.assert_array_equal(out[0, 0], (255, 0, 0))
@@ -67,7 +58,7 @@ def test_decode_gif_first_frame_palette_to_rgb():
 
 def test_decode_grayscale_channels():
     gray = _rgb()[:, :, 0]
-    data = _save(Image.fromarray(gray, "L"), "PNG")
+    data = image_bytes(Image.fromarray(gray, "L"), "PNG")
     assert images.decode_image(data, channels=None).shape == (24, 32, 1)
     np.testing.assert_array_equal(images.decode_image(data, channels=1)[:, :, 0], gray)
     rgb = images.decode_image(data, channels=3)
@@ -75,14 +66,14 @@ def test_decode_grayscale_channels():
 
 
 def test_decode_rgb_to_one_channel():
-    data = _save(Image.new("RGB", (5, 4), (255, 255, 255)), "PNG")
+    data = image_bytes(Image.new("RGB", (5, 4), (255, 255, 255)), "PNG")
     out = images.decode_image(data, channels=1)
     assert out.shape == (4, 5, 1) and np.all(out == 255)
     assert images.decode_image(data, channels=None).shape == (4, 5, 3)
 
 
 def test_decode_bilevel_to_gray():
-    data = _save(Image.new("1", (6, 3), 1), "PNG")
+    data = image_bytes(Image.new("1", (6, 3), 1), "PNG")
     out = images.decode_image(data, channels=None)
     assert out.shape == (3, 6, 1) and np.all(out == 255)
 
@@ -91,14 +82,14 @@ def test_decode_rgba_composited_over_white():
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[:2] = (255, 0, 0, 255)  # opaque red
     rgba[2:] = (0, 0, 0, 0)  # fully transparent black -> white
-    out = images.decode_image(_save(Image.fromarray(rgba, "RGBA"), "PNG"))
+    out = images.decode_image(image_bytes(Image.fromarray(rgba, "RGBA"), "PNG"))
     np.testing.assert_array_equal(out[0, 0], (255, 0, 0))
     np.testing.assert_array_equal(out[3, 3], (255, 255, 255))
 
 
 def test_decode_gray_alpha_stays_gray():
     la = Image.new("LA", (3, 3), (0, 0))
-    out = images.decode_image(_save(la, "PNG"), channels=None)
+    out = images.decode_image(image_bytes(la, "PNG"), channels=None)
     assert out.shape == (3, 3, 1) and np.all(out == 255)
 
 
@@ -106,20 +97,20 @@ def test_decode_palette_with_transparency():
     im = Image.new("P", (4, 4), 0)
     im.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     im.putpixel((0, 0), 1)
-    out = images.decode_image(_save(im, "PNG", transparency=0))
+    out = images.decode_image(image_bytes(im, "PNG", transparency=0))
     np.testing.assert_array_equal(out[0, 0], (0, 255, 0))
     np.testing.assert_array_equal(out[1, 1], (255, 255, 255))  # transparent index -> white
 
 
 def test_decode_16_bit_scaled():
     wide = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
-    out = images.decode_image(_save(Image.fromarray(wide), "PNG"), channels=None)
+    out = images.decode_image(image_bytes(Image.fromarray(wide), "PNG"), channels=None)
     assert out.dtype == np.uint8 and out.shape == (1, 3, 1)
     np.testing.assert_array_equal(out[0, :, 0], (0, 100, 255))
 
 
 def test_decode_cmyk_jpeg():
-    data = _save(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG", quality=100)
+    data = image_bytes(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG", quality=100)
     out = images.decode_image(data)
     assert out.shape == (8, 8, 3) and out.min() > 245
 
@@ -131,7 +122,7 @@ def test_decode_exif_orientation_applied():
     array[:, 32:] = (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = 6
-    data = _save(Image.fromarray(array), "JPEG", quality=95, exif=exif.tobytes())
+    data = image_bytes(Image.fromarray(array), "JPEG", quality=95, exif=exif.tobytes())
     out = images.decode_image(data)
     assert out.shape == (64, 32, 3)
     assert out[:32, :, 0].mean() > 200 and out[32:, :, 2].mean() > 200  # red on top after rotation
@@ -152,7 +143,7 @@ def test_random_bytes_not_an_image():
 
 
 def test_truncated_png():
-    data = _save(Image.fromarray(_rgb(64, 64)), "PNG")
+    data = image_bytes(Image.fromarray(_rgb(64, 64)), "PNG")
     with pytest.raises(ImageError) as info:
         images.decode_image(data[: len(data) // 2])
     assert "\n" not in str(info.value)
@@ -163,7 +154,7 @@ def test_truncated_png():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_every_truncation_is_an_image_error(fmt):
     # Whatever the cut, the caller sees an ImageError (or a decoded image), never a Pillow exception.
-    data = _save(Image.fromarray(_rgb(16, 16)), fmt)
+    data = image_bytes(Image.fromarray(_rgb(16, 16)), fmt)
     for cut in range(0, len(data), max(1, len(data) // 40)):
         try:
             out = images.decode_image(data[:cut])
@@ -185,7 +176,7 @@ def test_too_large_checked_from_header_before_decoding():
         images.decode_image(_png_header(100_000, 100_000))
     # A real image with a small cap.
     with pytest.raises(ImageTooLargeError, match="limit 100"):
-        images.decode_image(_save(Image.fromarray(_rgb()), "PNG"), max_pixels=100)
+        images.decode_image(image_bytes(Image.fromarray(_rgb()), "PNG"), max_pixels=100)
 
 
 def test_too_large_is_an_image_error():
@@ -194,7 +185,7 @@ def test_too_large_is_an_image_error():
 
 def test_bad_channels_argument():
     with pytest.raises(ValueError, match="channels"):
-        images.decode_image(_save(Image.fromarray(_rgb()), "PNG"), channels=4)
+        images.decode_image(image_bytes(Image.fromarray(_rgb()), "PNG"), channels=4)
 
 
 # --- encoding and the float rule --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""genray.artifacts + genray.inference: a real tiny denoise_ae artefact, saved locally and to S3, run by Predictor."""
+"""genray.model_artifact + genray.inference: a real tiny denoise_ae artefact, saved locally and to S3, run by Predictor."""
 
 import functools
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genray import storage
-from genray.artifacts import ArtifactError, compute_digest, load_artifact, read_meta, save_artifact
+from genray.model_artifact import ArtifactError, compute_digest, load_artifact, read_meta, save_artifact
 from genray.images import to_float
 from genray.inference import Predictor
 from genray.metrics import psnr

@@ -15,8 +15,7 @@ from genray import storage
 from genray.cli import build_parser
 from genray.config import load_config
 
-from conftest import free_port
-from test_batch import read_manifest_table
+from helpers import free_port, read_manifest_table
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))

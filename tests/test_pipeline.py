@@ -16,10 +16,9 @@ from genray import storage
 from genray.config import ConfigError, load_config
 from genray.datasets import load_embedded
 from genray.images import decode_image, encode_png
-from genray.pipeline import GateFailed, PipelineConfig, check_gate, load_pipeline_config, run_pipeline
+from genray.pipeline.stages import GateFailed, PipelineConfig, check_gate, load_pipeline_config, run_pipeline
 
-from conftest import free_port
-from test_cli import GENRAY
+from helpers import free_port, GENRAY
 
 CONFIG = "configs/pipeline/tiny_denoise.yaml"
 
@@ -109,7 +108,7 @@ def test_gate_fail_stops_with_a_report_and_deploys_nothing(passed_run, serve_htt
         report = storage.read_bytes(f"{run_prefix}/run/report/report.md").decode()
         assert "Gate **FAILED**" in report and "| `psnr_gain_over_noisy_db >= 100` |" in report
     finally:  # put the passing run's app back for the tests after this one
-        from genray.pipeline import serve_config_for
+        from genray.pipeline.stages import serve_config_for
         from genray.serving.deploy import run_serve_config
 
         run_serve_config(serve_config_for(passed_run[1].cfg, passed_run[1].stages["train"]["model_uri"]))
@@ -157,7 +156,7 @@ def test_every_pipeline_config_in_the_repo_loads():
         cfg, train_cfg = load_pipeline_config(str(path))
         assert cfg.gate and train_cfg.name, path
         if cfg.serve:
-            from genray.pipeline import serve_config_for
+            from genray.pipeline.stages import serve_config_for
 
             serve_config_for(cfg, "s3://bucket/model")  # the endpoint exists in the serve config
 

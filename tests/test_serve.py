@@ -63,7 +63,7 @@ def test_health_docs_and_models(denoise_url):
     spec = requests.get(f"{base}/openapi.json", timeout=30).json()
     assert "/{name}" in spec["paths"]
     models = requests.get(f"{base}/models", timeout=30).json()["models"]
-    from genray.artifacts import read_meta
+    from genray.model_artifact import read_meta
 
     assert models["denoise"]["digest"] == read_meta(trained.model_uri)["digest"]
     assert models["denoise"]["task"] == "denoise" and models["denoise"]["kind"] == "image"

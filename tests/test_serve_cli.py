@@ -13,34 +13,34 @@ import pytest
 import requests
 import yaml
 
-from conftest import free_port, save_untrained_artifact
+from helpers import free_port, save_untrained_artifact
 from genray.images import decode_image, encode_png
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
-# all.yaml's endpoint -> the zoo artefact of the same family (tests/conftest.py serve_zoo_uris).
-ZOO_FOR = {"denoise": "denoise", "superres": "superres", "digits-ae": "digits-ae", "digits-gan": "digits-gan",
+# all.yaml's endpoint -> the test artefact of the same family (tests/conftest.py serve_family_uris).
+ARTEFACT_FOR = {"denoise": "denoise", "superres": "superres", "digits-ae": "digits-ae", "digits-gan": "digits-gan",
            "faces-gan": "digits-gan", "digits-vae": "digits-vae", "faces-vae": "digits-vae",
            "digits-classifier": "digits-classifier"}
 
 
-def demo_config(tmp_path: Path, zoo: dict, port: int) -> Path:
+def demo_config(tmp_path: Path, family_uris: dict, port: int) -> Path:
     data = yaml.safe_load((ROOT / "configs" / "serve" / "all.yaml").read_text())
     data["http_options"]["port"] = port
     args = data["applications"][0]["args"]
     for name, model in args["models"].items():
-        model["uri"] = (zoo["models"][ZOO_FOR[name]] if name in ZOO_FOR
+        model["uri"] = (family_uris["models"][ARTEFACT_FOR[name]] if name in ARTEFACT_FOR
                         else save_untrained_artifact(str(tmp_path / name), "denoise_ae"))
-    args["styles"]["uris"] = dict(zip(args["styles"]["uris"], zoo["styles"].values()))
+    args["styles"]["uris"] = dict(zip(args["styles"]["uris"], family_uris["styles"].values()))
     path = tmp_path / "all.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.mark.parametrize("command", ["genray serve", "serve run"])
-def test_demo_config_serves_every_family(command, serve_zoo_uris, tmp_path):
+def test_demo_config_serves_every_family(command, serve_family_uris, tmp_path):
     port, token = free_port(), "demo-token"
-    config = demo_config(tmp_path, serve_zoo_uris, port)
+    config = demo_config(tmp_path, serve_family_uris, port)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"GENRAY_SERVE_TOKEN": token}
     argv = [str(BIN / "genray"), "serve", str(config)] if command == "genray serve" else [
         str(BIN / "serve"), "run", str(config)]
@@ -50,7 +50,7 @@ def test_demo_config_serves_every_family(command, serve_zoo_uris, tmp_path):
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
     try:
         deadline = time.monotonic() + 600
-        while True:  # every replica of the zoo starts on a fresh Ray: this takes a while on a busy machine
+        while True:  # every replica of every family starts on a fresh Ray: this takes a while on a busy machine
             try:
                 if requests.get(f"{base}/models", headers=auth, timeout=10).status_code == 200:
                     break
@@ -60,7 +60,7 @@ def test_demo_config_serves_every_family(command, serve_zoo_uris, tmp_path):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(2)
         listing = requests.get(f"{base}/models", headers=auth, timeout=30).json()
-        assert set(listing["models"]) == set(ZOO_FOR) | {"digits-denoise"}
+        assert set(listing["models"]) == set(ARTEFACT_FOR) | {"digits-denoise"}
         assert set(listing["styles"]["styles"]) == {"starry", "waves"}
         assert requests.get(f"{base}/models", timeout=30).status_code == 401
         assert requests.get(f"{base}/-/healthz", timeout=30).status_code == 200

@@ -38,7 +38,7 @@ def test_serve_config_is_valid_for_genray_and_for_ray(path):
     from ray.serve.schema import ServeDeploySchema
 
     from genray.serving.app import deployment_options
-    from genray.serving.models import ImageModel
+    from genray.serving.deployments import ImageDeployment
 
     from ray.serve.config import HTTPOptions
 
@@ -50,7 +50,7 @@ def test_serve_config_is_valid_for_genray_and_for_ray(path):
         assert app.import_path == "genray.serving.app:build_app"
         pools = [*app.args.models.values(), *([app.args.styles] if app.args.styles else [])]
         for opts in pools:
-            ImageModel.options(**deployment_options(opts, "x", 503, 1.0))  # Ray validates every option here
+            ImageDeployment.options(**deployment_options(opts, "x", 503, 1.0))  # Ray validates every option here
             assert opts.ongoing_limit >= opts.max_batch_size
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import save_untrained_artifact
+from helpers import save_untrained_artifact
 from genray.images import encode_png
 from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerAuth, TokenError, load_token
 
@@ -66,12 +66,12 @@ def test_request_timeout_is_504(serve_app, slow_model_uri):
     assert seconds < 30
 
 
-def test_bearer_token_guards_every_route_but_health(serve_app, serve_zoo_uris, tmp_path):
+def test_bearer_token_guards_every_route_but_health(serve_app, serve_family_uris, tmp_path):
     token = "s3cret-" + "x" * 20
     (tmp_path / "token").write_text(token + "\n")  # a mounted secret usually ends in a newline
-    base = serve_app({"models": {"denoise": {"uri": serve_zoo_uris["models"]["denoise"], "num_cpus": 0.1},
-                                 "gan": {"uri": serve_zoo_uris["models"]["digits-gan"], "num_cpus": 0.1}},
-                      "styles": {"uris": serve_zoo_uris["styles"], "num_cpus": 0.1},
+    base = serve_app({"models": {"denoise": {"uri": serve_family_uris["models"]["denoise"], "num_cpus": 0.1},
+                                 "gan": {"uri": serve_family_uris["models"]["digits-gan"], "num_cpus": 0.1}},
+                      "styles": {"uris": serve_family_uris["styles"], "num_cpus": 0.1},
                       "token_file": str(tmp_path / "token")})
     upload = encode_png(np.zeros((8, 8, 3), np.uint8))
     routes = [("post", "/denoise"), ("post", "/style/a"), ("get", "/generate/gan"), ("get", "/models"),
@@ -92,12 +92,12 @@ def test_bearer_token_guards_every_route_but_health(serve_app, serve_zoo_uris, t
     assert schemes["HTTPBearer"]["scheme"] == "bearer"
 
 
-def test_require_token_without_one_refuses_to_start(serve_http, serve_zoo_uris):
+def test_require_token_without_one_refuses_to_start(serve_http, serve_family_uris):
     from ray import serve
 
     from genray.serving.deploy import DeployError, deploy_app
 
-    args = {"models": {"denoise": {"uri": serve_zoo_uris["models"]["denoise"], "num_cpus": 0.1}},
+    args = {"models": {"denoise": {"uri": serve_family_uris["models"]["denoise"], "num_cpus": 0.1}},
             "require_token": True, "gateway": {"num_cpus": 0.05}}
     try:
         with pytest.raises(DeployError, match="Gateway: RuntimeError: require_token is set but no bearer token"):

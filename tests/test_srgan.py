@@ -8,7 +8,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from genray import metrics
-from genray.artifacts import save_artifact
+from genray.model_artifact import save_artifact
 from genray.datasets import load_embedded
 from genray.images import tile_positions
 from genray.inference import Predictor

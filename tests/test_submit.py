@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from genray import storage
-from genray.artifacts import read_meta
+from genray.model_artifact import read_meta
 from genray.config import ConfigError
 from genray.submit import SubmitError, auth_headers, build_job, split_address
 

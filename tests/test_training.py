@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from genray import storage
-from genray.artifacts import read_meta
+from genray.model_artifact import read_meta
 from genray.images import decode_image
 from genray.training.trainer import run_training
 
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 
 def read_history(output_uri: str) -> list[dict]:

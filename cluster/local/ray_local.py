@@ -28,7 +28,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,22 +35,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from genray.runtime import LOCAL_RAY_ENV, free_port
+
 HOST = "127.0.0.1"
 STATE_FILE = "cluster.json"
-# Loopback-only listeners, no usage stats (the same settings as genray/runtime.py's LOCAL_RAY_ENV), and patience
-# for node agents on a loaded 2-core host.
-NODE_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-}
+# Loopback-only listeners and no usage stats (genray's local-Ray settings); patience for node agents below.
+NODE_ENV = dict(LOCAL_RAY_ENV)
 AGENT_REGISTER_TIMEOUT_MS = 180_000  # at least: a node's agents have needed over 60 s on a loaded 2-core host
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # -- state ---------------------------------------------------------------------------------------------------------

@@ -1,15 +1,12 @@
 """The model registry: every family genray can train, bulk-run and serve, written out by hand.
 
-CLI choices, config validation and the test battery all derive from MODELS. This package never imports ray.
+CLI choices, config validation, evaluation, serving and the test battery all derive from MODELS: adding a family
+is one file (its config with `tiny()`, networks, `train_step`, `SPEC`) and one line below. Never imports ray.
 """
 from __future__ import annotations
 
-from genray.models import autoencoder
-from genray.models import denoiser, srgan
-from genray.models import style
-from genray.models import vae
-from genray.models import dcgan
-from genray.models.spec import ModelSpec, TrainState
+from genray.models import dcgan, denoise_ae, dense_ae, photo_denoiser, sae_classifier, srgan, style_net, vae
+from genray.models.spec import ModelSpec, Task, TrainState
 
 MODELS: dict[str, ModelSpec] = {}
 
@@ -28,13 +25,13 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model family {name!r}; valid families: {', '.join(sorted(MODELS))}") from None
 
 
-register_model(autoencoder.DENOISE_AE)
-register_model(srgan.SRGAN)
-register_model(denoiser.PHOTO_DENOISER)
-register_model(style.STYLE_NET)
-register_model(vae.VAE_SPEC)
-register_model(autoencoder.DENSE_AE)
-register_model(autoencoder.SAE_CLASSIFIER)
-register_model(dcgan.DCGAN)
+register_model(denoise_ae.SPEC)
+register_model(dense_ae.SPEC)
+register_model(sae_classifier.SPEC)
+register_model(vae.SPEC)
+register_model(dcgan.SPEC)
+register_model(srgan.SPEC)
+register_model(photo_denoiser.SPEC)
+register_model(style_net.SPEC)
 
-__all__ = ["MODELS", "ModelSpec", "TrainState", "get_spec", "register_model"]
+__all__ = ["MODELS", "ModelSpec", "Task", "TrainState", "get_spec", "register_model"]

@@ -300,7 +300,7 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
     return result
 
 
-DCGAN = ModelSpec(
+SPEC = ModelSpec(
     name="dcgan",
     config_cls=DCGANConfig,
     task="generate",

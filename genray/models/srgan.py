@@ -332,7 +332,7 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
     return result
 
 
-SRGAN = ModelSpec(
+SPEC = ModelSpec(
     name="srgan",
     config_cls=SRGANConfig,
     task="superres",

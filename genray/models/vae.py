@@ -204,7 +204,7 @@ def evaluate(model: VAE, images: list[np.ndarray], labels: list[int] | None, cfg
     return metrics
 
 
-VAE_SPEC = ModelSpec(
+SPEC = ModelSpec(
     name="vae",
     config_cls=VAEConfig,
     task="generate",

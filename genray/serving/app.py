@@ -11,16 +11,17 @@ from ray import serve
 
 from genray.config import DeploymentOptions, ServeAppConfig
 from genray.serving.gateway import Gateway
-from genray.serving.models import Classifier, Generator, ImageModel, StylePool
+from genray.serving.deployments import (ClassifierDeployment, GeneratorDeployment, ImageDeployment,
+                                        StylePoolDeployment)
 
 # Task in model.json -> (deployment class, route kind the gateway serves it under).
 KINDS = {
-    "denoise": (ImageModel, "image"),
-    "superres": (ImageModel, "image"),
-    "reconstruct": (ImageModel, "image"),  # dense autoencoders: image in, its reconstruction out
-    "style": (ImageModel, "image"),  # one style network under its own name (many: use `styles`, multiplexed)
-    "generate": (Generator, "generator"),
-    "classify": (Classifier, "classifier"),
+    "denoise": (ImageDeployment, "image"),
+    "superres": (ImageDeployment, "image"),
+    "reconstruct": (ImageDeployment, "image"),  # dense autoencoders: image in, its reconstruction out
+    "style": (ImageDeployment, "image"),  # one style network under its name (many: `styles`, multiplexed)
+    "generate": (GeneratorDeployment, "generator"),
+    "classify": (ClassifierDeployment, "classifier"),
 }
 
 
@@ -48,7 +49,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     Every artefact's model.json is read here (a small file), so a wrong URI or an unservable family fails the
     deployment at once with a clear message instead of a replica crash loop."""
-    from genray.artifacts import read_meta
+    from genray.model_artifact import read_meta
     from genray.models import get_spec
 
     cfg = ServeAppConfig.model_validate(args)
@@ -66,7 +67,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             m.model_dump(mode="json"))
     styles = None
     if cfg.styles is not None:
-        styles = StylePool.options(**deployment_options(cfg.styles, "styles", **overload)).bind(
+        styles = StylePoolDeployment.options(**deployment_options(cfg.styles, "styles", **overload)).bind(
             cfg.styles.model_dump(mode="json"))
     g = cfg.gateway
     return Gateway.options(

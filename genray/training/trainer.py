@@ -12,7 +12,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from genray import storage
-from genray.artifacts import save_artifact
+from genray.model_artifact import save_artifact
 from genray.config import TrainConfig
 from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec

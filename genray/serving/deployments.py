@@ -1,9 +1,9 @@
 """Model deployments of the Serve app, one class per kind of artefact, each batching concurrent requests.
 
-ImageModel: image -> image through the shared Predictor (denoise, superres, dense-AE reconstruction, one style).
-StylePool: many fast style networks multiplexed over one pool of replicas (@serve.multiplexed).
-Generator: DCGAN / VAE samples, and the VAE's reconstruct / interpolate.
-Classifier: class probabilities of the stacked-autoencoder classifier.
+ImageDeployment: image -> image through the shared Predictor (denoise, superres, dense-AE reconstruction, one style).
+StylePoolDeployment: many fast style networks multiplexed over one pool of replicas (@serve.multiplexed).
+GeneratorDeployment: DCGAN / VAE samples, and the VAE's reconstruct / interpolate.
+ClassifierDeployment: class probabilities of the stacked-autoencoder classifier.
 Replicas answer with PNG bytes: encoding runs beside the forward pass, off the gateway's event loop.
 """
 
@@ -37,7 +37,7 @@ class _Replica:
 
     def _load_artifact(self, cfg: dict[str, Any], *batched_methods) -> None:
         """For the families the Predictor does not cover: config, threads and batching, then the artefact."""
-        from genray.artifacts import load_artifact
+        from genray.model_artifact import load_artifact
         from genray.inference import default_device
 
         self.cfg = ModelServeConfig.model_validate(cfg)
@@ -80,7 +80,7 @@ def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
 
 
 @serve.deployment(max_constructor_retry_count=3)
-class ImageModel(_Replica):
+class ImageDeployment(_Replica):
     """A model artefact as a batched image -> image function (the Predictor tiles large images)."""
 
     def __init__(self, cfg: dict[str, Any]):
@@ -112,12 +112,12 @@ class _LoadedStyle:
 
 
 @serve.deployment(max_constructor_retry_count=3)
-class StylePool(_Replica):
+class StylePoolDeployment(_Replica):
     """Fast style networks behind one deployment: the request's multiplexed model id names the style, and any
     replica loads it on first use (least recently used styles are evicted beyond max_styles_per_replica)."""
 
     def __init__(self, cfg: dict[str, Any]):
-        from genray.artifacts import read_meta
+        from genray.model_artifact import read_meta
         from genray.models import get_spec
 
         self.cfg = StylePoolConfig.model_validate(cfg)
@@ -159,7 +159,7 @@ class StylePool(_Replica):
 
 
 @serve.deployment(max_constructor_retry_count=3)
-class Generator(_Replica):
+class GeneratorDeployment(_Replica):
     """DCGAN or VAE: seeded samples as a PNG grid; a VAE also reconstructs uploads (batched) and interpolates."""
 
     def __init__(self, cfg: dict[str, Any]):
@@ -198,7 +198,7 @@ class Generator(_Replica):
 
 
 @serve.deployment(max_constructor_retry_count=3)
-class Classifier(_Replica):
+class ClassifierDeployment(_Replica):
     """The stacked-autoencoder classifier: an upload (resized to the model's input) -> class probabilities."""
 
     def __init__(self, cfg: dict[str, Any]):

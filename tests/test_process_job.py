@@ -2,25 +2,21 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.dataset as pds
 import pytest
 
 from genray import storage
-from genray.batch.pipeline import JobError, run_process_job
+from genray.process.job import JobError, run_process_job
 from genray.config import ProcessConfig
 from genray.datasets import read_image_prefix
 from genray.images import decode_image, encode_png
+
+from helpers import read_manifest_table
 
 BAD_FILES = {
     "bad/zero.png": b"",
     "bad/not-an-image.jpg": b"this is text, not a JPEG",
     "bad/truncated.png": None,  # filled in below from a real PNG
 }
-
-
-def read_manifest_table(output_uri: str):
-    fs, path = storage.pyarrow_filesystem(f"{output_uri}/_manifest")
-    return pds.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
 @pytest.fixture
@@ -84,7 +80,7 @@ def test_denoise_job_outputs_manifest_errors_and_rerun_skips(ray_local, tiny_mod
 
 
 def summary_digest(trained) -> str:
-    from genray.artifacts import read_meta
+    from genray.model_artifact import read_meta
 
     return read_meta(trained.model_uri)["digest"]
 

@@ -408,7 +408,7 @@ def gatys_transfer(content: np.ndarray, style: np.ndarray, vgg: VGGFeatures, ite
     return out
 
 
-STYLE_NET = ModelSpec(
+SPEC = ModelSpec(
     name="style_net",
     config_cls=StyleNetConfig,
     task="style",

@@ -1,4 +1,4 @@
-"""Every model family over real HTTP: one Serve app (tests/conftest.py `serve_zoo`) with untrained tiny artefacts."""
+"""Every model family over real HTTP: one Serve app (tests/conftest.py `serve_families`) with untrained tiny artefacts."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
-from genray.artifacts import read_meta
+from genray.model_artifact import read_meta
 from genray.images import decode_image, encode_png
 
 
@@ -33,15 +33,15 @@ def grid_side(count: int, side: int, padding: int = 2) -> int:
     ("superres", (12, 16, 3), (48, 64, 3)),  # x4
     ("digits-ae", (30, 30, 1), (30, 30, 1)),  # dense AE on 28x28 blocks, any size
 ])
-def test_image_models_answer_png_of_the_right_size(serve_zoo, endpoint, shape, expected):
-    base, _ = serve_zoo
+def test_image_models_answer_png_of_the_right_size(serve_families, endpoint, shape, expected):
+    base, _ = serve_families
     assert png_shape(requests.post(f"{base}/{endpoint}", data=image(0, shape), timeout=60)) == expected
 
 
-def test_styles_are_multiplexed_over_one_deployment(serve_zoo):
+def test_styles_are_multiplexed_over_one_deployment(serve_families):
     from ray import serve
 
-    base, _ = serve_zoo
+    base, _ = serve_families
     upload = image(1, (24, 32, 3))
     outputs = {}
     for style in ("a", "b"):
@@ -49,7 +49,7 @@ def test_styles_are_multiplexed_over_one_deployment(serve_zoo):
         assert png_shape(r) == (24, 32, 3)
         outputs[style] = r.content
     assert outputs["a"] != outputs["b"]  # two style networks (different weights) ...
-    deployments = serve.status().applications["zoo"].deployments
+    deployments = serve.status().applications["families"].deployments
     assert [d for d in deployments if "style" in d] == ["styles"]  # ... behind one deployment
     pool = requests.get(f"{base}/models", timeout=30).json()["styles"]
     assert pool["loaded_on_replica"] == ["a", "b"] and set(pool["styles"]) == {"a", "b", "c"}
@@ -62,8 +62,8 @@ def test_styles_are_multiplexed_over_one_deployment(serve_zoo):
     assert requests.post(f"{base}/style/a", data=upload, timeout=60).content == outputs["a"]
 
 
-def test_style_requests_are_batched_per_style(serve_zoo):
-    base, _ = serve_zoo
+def test_style_requests_are_batched_per_style(serve_families):
+    base, _ = serve_families
     uploads = [image(i, (16, 16, 3)) for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
         codes = list(pool.map(lambda b: requests.post(f"{base}/style/b", data=b, timeout=60).status_code, uploads))
@@ -73,8 +73,8 @@ def test_style_requests_are_batched_per_style(serve_zoo):
 
 
 @pytest.mark.parametrize("model, side, channels", [("digits-gan", 28, 1), ("digits-vae", 16, 1)])
-def test_generate_is_a_seeded_png_grid(serve_zoo, model, side, channels):
-    base, _ = serve_zoo
+def test_generate_is_a_seeded_png_grid(serve_families, model, side, channels):
+    base, _ = serve_families
     first = requests.get(f"{base}/generate/{model}", params={"n": 16, "seed": 3}, timeout=60)
     assert png_shape(first) == (grid_side(4, side), grid_side(4, side), channels)
     assert first.headers["x-seed"] == "3"
@@ -88,8 +88,8 @@ def test_generate_is_a_seeded_png_grid(serve_zoo, model, side, channels):
     assert replay.content == r.content
 
 
-def test_vae_reconstructs_and_interpolates(serve_zoo):
-    base, _ = serve_zoo
+def test_vae_reconstructs_and_interpolates(serve_families):
+    base, _ = serve_families
     buf = io.BytesIO()  # a JPEG photo of another size and colour: resized to the VAE's 16x16 grey
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, "JPEG")
     assert png_shape(requests.post(f"{base}/vae/digits-vae/reconstruct", data=buf.getvalue(), timeout=60)) == (
@@ -100,8 +100,8 @@ def test_vae_reconstructs_and_interpolates(serve_zoo):
                         timeout=60).content == r.content
 
 
-def test_classifier_answers_probabilities(serve_zoo):
-    base, _ = serve_zoo
+def test_classifier_answers_probabilities(serve_families):
+    base, _ = serve_families
     r = requests.post(f"{base}/classify/digits-classifier", data=image(3, (28, 28, 1)), timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     body = r.json()
@@ -121,29 +121,29 @@ def test_classifier_answers_probabilities(serve_zoo):
     ("get", "/generate/digits-gan", {"seed": -1}, 400, "seed"),
     ("get", "/vae/digits-vae/interpolate", {"steps": 1}, 400, "between 2 and 32"),
 ])
-def test_wrong_routes_and_parameters(serve_zoo, method, path, params, status, says):
-    base, _ = serve_zoo
+def test_wrong_routes_and_parameters(serve_families, method, path, params, status, says):
+    base, _ = serve_families
     r = getattr(requests, method)(f"{base}{path}", params=params, data=image(0, (8, 8, 1)), timeout=60)
     assert r.status_code == status and says in r.json()["detail"], r.text
 
 
-def test_output_pixel_cap_is_413(serve_zoo):
-    base, _ = serve_zoo
+def test_output_pixel_cap_is_413(serve_families):
+    base, _ = serve_families
     # 0.36 Mpx in is under max_pixels (1 M), but x4 super-resolution would make 5.76 Mpx (cap 4 M).
     r = requests.post(f"{base}/superres", data=image(0, (600, 600, 1)), timeout=60)
     assert r.status_code == 413 and "output would be 2400x2400" in r.json()["detail"]
 
 
-def test_models_lists_every_artefact_and_docs_every_route(serve_zoo, serve_zoo_uris):
-    base, _ = serve_zoo
+def test_models_lists_every_artefact_and_docs_every_route(serve_families, serve_family_uris):
+    base, _ = serve_families
     listing = requests.get(f"{base}/models", timeout=30).json()
     kinds = {"denoise": "image", "superres": "image", "digits-ae": "image", "digits-gan": "generator",
              "digits-vae": "generator", "digits-classifier": "classifier"}
     assert {name: m["kind"] for name, m in listing["models"].items()} == kinds
-    for name, uri in serve_zoo_uris["models"].items():
+    for name, uri in serve_family_uris["models"].items():
         assert listing["models"][name]["digest"] == read_meta(uri)["digest"]
         assert listing["models"][name]["uri"] == uri
-    for name, uri in serve_zoo_uris["styles"].items():
+    for name, uri in serve_family_uris["styles"].items():
         assert listing["styles"]["styles"][name]["digest"] == read_meta(uri)["digest"]
     paths = requests.get(f"{base}/openapi.json", timeout=30).json()["paths"]
     assert {"/models", "/style/{style}", "/generate/{model}", "/vae/{model}/reconstruct",
@@ -151,8 +151,8 @@ def test_models_lists_every_artefact_and_docs_every_route(serve_zoo, serve_zoo_u
     assert requests.get(f"{base}/docs", timeout=30).status_code == 200
 
 
-def test_bad_and_oversized_bodies(serve_zoo):
-    base, _ = serve_zoo
+def test_bad_and_oversized_bodies(serve_families):
+    base, _ = serve_families
     truncated = image(0, (64, 64, 3))[:200]
     for path in ("/denoise", "/style/a", "/vae/digits-vae/reconstruct", "/classify/digits-classifier"):
         r = requests.post(f"{base}{path}", data=truncated, timeout=60)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from genray import archives, storage
-from genray.batch import manifest
+from genray.process import manifest
 from genray.datasets import IMAGE_SUFFIXES
 
 FILES_PER_UNIT = 64  # loose images travel through the read stage (when a job also has archives) in groups

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image, ImageFile, features
 
 from genray import images, storage
-from genray.batch.pipeline import run_process_job
+from genray.process.job import run_process_job
 from genray.config import ProcessConfig
 from genray.images import ImageError, ImageTooLargeError, decode_image
-from test_images import _chunk, _save
+from helpers import image_bytes, png_chunk
 
 HAS_WEBP = features.check("webp")
 needs_webp = pytest.mark.skipif(not HAS_WEBP, reason="Pillow built without WebP")
@@ -29,8 +29,8 @@ RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 def _png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
     """A PNG written by hand (Pillow cannot write 16-bit colour); `rows` are filter-type-prefixed scanlines."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows))
-            + _chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
 
 
 def _png_16bit(pixels: np.ndarray) -> bytes:
@@ -64,7 +64,7 @@ def _palette_png(transparent: bool) -> bytes:
     im.putpalette([10, 20, 30, 200, 100, 50, 0, 128, 255] + [0] * (768 - 9))
     im.putpixel((0, 0), 0)
     im.putpixel((4, 2), 2)
-    return _save(im, "PNG", **({"transparency": 1} if transparent else {}))
+    return image_bytes(im, "PNG", **({"transparency": 1} if transparent else {}))
 
 
 def _palette_expected(opaque) -> np.ndarray:
@@ -80,20 +80,20 @@ def _gif_animated() -> bytes:
     first[:, :5] = GREEN
     first[:, 5:] = (255, 0, 255)
     frames = [Image.fromarray(first)] + [Image.new("RGB", (10, 6), c) for c in (RED, BLUE)]
-    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
 def _gif_transparent() -> bytes:
     im = Image.new("P", (6, 4), 0)
     im.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
     im.putpixel((1, 1), 1)
-    return _save(im, "GIF", transparency=0)
+    return image_bytes(im, "GIF", transparency=0)
 
 
 def _exif_jpeg(array: np.ndarray, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return _save(Image.fromarray(array), "JPEG", quality=95, exif=exif.tobytes())
+    return image_bytes(Image.fromarray(array), "JPEG", quality=95, exif=exif.tobytes())
 
 
 def _corner_marked(height: int = 32, width: int = 48) -> np.ndarray:
@@ -121,29 +121,29 @@ def _cases():
     # Pillow keeps only the high byte of 16-bit colour (v >> 8), one level below rint(v / 257) at worst.
     yield "png-16bit-rgb", _png_16bit(rgb16), None, scaled(rgb16), 1
     yield "png-16bit-rgba", _png_16bit(rgba16), 3, np.array([[RED, WHITE]], np.uint8), 0
-    yield "tiff-16bit-gray", _save(Image.fromarray(gray16), "TIFF"), None, scaled(gray16)[:, :, None], 0
-    yield "tiff-16bit-gray-big-endian", _save(Image.frombytes("I;16B", (4, 2), gray16.astype(">u2").tobytes()),
+    yield "tiff-16bit-gray", image_bytes(Image.fromarray(gray16), "TIFF"), None, scaled(gray16)[:, :, None], 0
+    yield "tiff-16bit-gray-big-endian", image_bytes(Image.frombytes("I;16B", (4, 2), gray16.astype(">u2").tobytes()),
                                               "TIFF"), None, scaled(gray16)[:, :, None], 0
-    yield "tiff-rgba", _save(Image.fromarray(rgba, "RGBA"), "TIFF"), 3, np.rint(
+    yield "tiff-rgba", image_bytes(Image.fromarray(rgba, "RGBA"), "TIFF"), 3, np.rint(
         _over_white(rgba[..., :3], rgba[..., 3])).astype(np.uint8), 1
-    yield "tiff-cmyk", _save(Image.new("CMYK", (3, 2), (0, 255, 255, 0)), "TIFF"), None, np.full(
+    yield "tiff-cmyk", image_bytes(Image.new("CMYK", (3, 2), (0, 255, 255, 0)), "TIFF"), None, np.full(
         (2, 3, 3), RED, np.uint8), 0
     yield "png-palette-opaque", _palette_png(transparent=False), None, _palette_expected(opaque=(200, 100, 50)), 0
     yield "png-palette-transparent", _palette_png(transparent=True), None, _palette_expected(opaque=WHITE), 0
-    yield "png-la-partial-alpha", _save(Image.fromarray(la, "LA"), "PNG"), None, np.rint(
+    yield "png-la-partial-alpha", image_bytes(Image.fromarray(la, "LA"), "PNG"), None, np.rint(
         _over_white(la[..., :1], la[..., 1])).astype(np.uint8), 1
-    yield "png-rgba-partial-alpha", _save(Image.fromarray(rgba, "RGBA"), "PNG"), 3, np.rint(
+    yield "png-rgba-partial-alpha", image_bytes(Image.fromarray(rgba, "RGBA"), "PNG"), 3, np.rint(
         _over_white(rgba[..., :3], rgba[..., 3])).astype(np.uint8), 1
-    yield "bmp-gray", _save(Image.fromarray(gray, "L"), "BMP"), None, gray[:, :, None], 0
-    yield "jpeg-gray", _save(Image.fromarray(flat_gray, "L"), "JPEG", quality=95), None, flat_gray[:, :, None], 2
-    yield "jpeg-cmyk-colour", _save(Image.new("CMYK", (16, 16), (255, 0, 255, 0)), "JPEG", quality=100), 3, \
+    yield "bmp-gray", image_bytes(Image.fromarray(gray, "L"), "BMP"), None, gray[:, :, None], 0
+    yield "jpeg-gray", image_bytes(Image.fromarray(flat_gray, "L"), "JPEG", quality=95), None, flat_gray[:, :, None], 2
+    yield "jpeg-cmyk-colour", image_bytes(Image.new("CMYK", (16, 16), (255, 0, 255, 0)), "JPEG", quality=100), 3, \
         np.full((16, 16, 3), GREEN, np.uint8), 3
     yield "gif-animated-first-frame", _gif_animated(), 3, np.concatenate(
         [np.full((6, 5, 3), GREEN, np.uint8), np.full((6, 5, 3), (255, 0, 255), np.uint8)], axis=1), 0
     yield "gif-transparent-background", _gif_transparent(), None, np.array(
         [[WHITE] * 6, [WHITE, BLUE] + [WHITE] * 4] + [[WHITE] * 6] * 2, np.uint8), 0
     if HAS_WEBP:
-        yield "webp-lossless-rgba", _save(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True, exact=True), 3, \
+        yield "webp-lossless-rgba", image_bytes(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True, exact=True), 3, \
             np.rint(_over_white(rgba[..., :3], rgba[..., 3])).astype(np.uint8), 1
 
 
@@ -161,7 +161,7 @@ def test_decode_table(data, channels, expected, tolerance):
 @needs_webp
 def test_decode_webp_lossy_rgb():
     array = _blocks(24, 40, seed=2)
-    out = decode_image(_save(Image.fromarray(array), "WEBP", quality=95))
+    out = decode_image(image_bytes(Image.fromarray(array), "WEBP", quality=95))
     assert out.shape == (24, 40, 3) and np.abs(out.astype(int) - array).mean() < 6
 
 
@@ -235,7 +235,7 @@ def _noise(size: int, seed: int) -> bytes:
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt TIFF directory
 @pytest.mark.parametrize("data,reason", [
     pytest.param(_gif_animated()[:40], "truncated or corrupt GIF file", id="gif-cut-in-header"),
-    pytest.param(_save(Image.fromarray(_blocks(16, 16, 0)), "JPEG")[:20], "truncated or corrupt JPEG file",
+    pytest.param(image_bytes(Image.fromarray(_blocks(16, 16, 0)), "JPEG")[:20], "truncated or corrupt JPEG file",
                  id="jpeg-cut-in-header"),
     pytest.param(b"II*\x00" + _noise(500, 3), "truncated or corrupt TIFF file", id="tiff-signature-then-noise"),
     pytest.param(_noise(500, 4), "not an image", id="noise"),
@@ -257,31 +257,31 @@ def _good_inputs() -> dict[str, bytes]:
     la[:9] = (60, 255)
     gray16 = np.random.default_rng(5).integers(0, 65536, (22, 15), dtype=np.uint16)
     files = {
-        "rgb.png": _save(Image.fromarray(_blocks(24, 32, 1)), "PNG"),
-        "photos/shot.jpg": _save(Image.fromarray(_blocks(30, 41, 2)), "JPEG", quality=90),
-        "photos/legacy.bmp": _save(Image.fromarray(_blocks(17, 23, 3)), "BMP"),
-        "scans/page.tif": _save(Image.fromarray(_blocks(40, 28, 4)), "TIFF"),
-        "scans/deep.tiff": _save(Image.fromarray(gray16), "TIFF"),  # 16-bit grayscale ('I;16')
+        "rgb.png": image_bytes(Image.fromarray(_blocks(24, 32, 1)), "PNG"),
+        "photos/shot.jpg": image_bytes(Image.fromarray(_blocks(30, 41, 2)), "JPEG", quality=90),
+        "photos/legacy.bmp": image_bytes(Image.fromarray(_blocks(17, 23, 3)), "BMP"),
+        "scans/page.tif": image_bytes(Image.fromarray(_blocks(40, 28, 4)), "TIFF"),
+        "scans/deep.tiff": image_bytes(Image.fromarray(gray16), "TIFF"),  # 16-bit grayscale ('I;16')
         "deep.png": _png_16bit(np.random.default_rng(6).integers(0, 65536, (13, 19, 3), dtype=np.uint16)),
         "anim.gif": _gif_animated(),
         "palette.png": _palette_png(transparent=False),
         "palette-alpha.png": _palette_png(transparent=True),
-        "alpha/la.png": _save(Image.fromarray(la, "LA"), "PNG"),
-        "alpha/rgba.png": _save(Image.fromarray(rgba, "RGBA"), "PNG"),
-        "gray.png": _save(Image.fromarray(_blocks(28, 28, 7)[:, :, 0], "L"), "PNG"),
-        "print.jpeg": _save(Image.new("CMYK", (21, 14), (30, 200, 10, 20)), "JPEG", quality=90),
+        "alpha/la.png": image_bytes(Image.fromarray(la, "LA"), "PNG"),
+        "alpha/rgba.png": image_bytes(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "gray.png": image_bytes(Image.fromarray(_blocks(28, 28, 7)[:, :, 0], "L"), "PNG"),
+        "print.jpeg": image_bytes(Image.new("CMYK", (21, 14), (30, 200, 10, 20)), "JPEG", quality=90),
         "phone/rotated.jpg": _exif_jpeg(_corner_marked(), 6),  # stored 32x48, shown 48x32
     }
     if HAS_WEBP:
-        files["web/pic.webp"] = _save(Image.fromarray(_blocks(20, 36, 8)), "WEBP", quality=90)
+        files["web/pic.webp"] = image_bytes(Image.fromarray(_blocks(20, 36, 8)), "WEBP", quality=90)
     return files
 
 
 def _bad_inputs() -> dict[str, tuple[bytes, str]]:
     """key -> (bytes, what the error reason must say)."""
-    png = _save(Image.fromarray(_blocks(40, 40, 9)), "PNG")
-    jpeg = _save(Image.fromarray(_blocks(40, 40, 10)), "JPEG", quality=90)
-    gif = bytearray(_save(Image.fromarray(_blocks(24, 24, 11)).convert("P"), "GIF"))
+    png = image_bytes(Image.fromarray(_blocks(40, 40, 9)), "PNG")
+    jpeg = image_bytes(Image.fromarray(_blocks(40, 40, 10)), "JPEG", quality=90)
+    gif = bytearray(image_bytes(Image.fromarray(_blocks(24, 24, 11)).convert("P"), "GIF"))
     middle = len(gif) // 2
     gif[middle:-1] = _noise(len(gif) - 1 - middle, 12)  # the LZW body replaced by noise; the trailer kept
     return {

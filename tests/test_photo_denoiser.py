@@ -1,4 +1,4 @@
-"""Photo denoiser family (genray.models.denoiser): tiny DnCNN on CPU, no Ray."""
+"""Photo denoiser family (genray.models.photo_denoiser): tiny DnCNN on CPU, no Ray."""
 
 import functools
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from genray.artifacts import save_artifact
+from genray.model_artifact import save_artifact
 from genray.datasets import load_embedded
 from genray.inference import Predictor
 from genray.models import get_spec
 from genray.models.data import fixed_batch
-from genray.models.denoiser import PhotoDenoiserConfig, add_noise
+from genray.models.photo_denoiser import PhotoDenoiserConfig, add_noise
 
 SPEC = get_spec("photo_denoiser")
 

@@ -1,4 +1,4 @@
-"""genray.models.style: the Johnson style network, its losses and VGG loading, and Gatys optimisation. No Ray."""
+"""genray.models.style_net: the Johnson style network, its losses and VGG loading, and Gatys optimisation. No Ray."""
 
 import io
 
@@ -8,11 +8,11 @@ import torch
 from pydantic import ValidationError
 
 from genray import storage
-from genray.artifacts import read_meta, save_artifact
+from genray.model_artifact import read_meta, save_artifact
 from genray.images import to_float, to_uint8
 from genray.inference import Predictor
 from genray.models import get_spec
-from genray.models import style
+from genray.models import style_net as style
 from genray.models.data import fixed_batch
 from genray.models.vgg import VGGWeightsError
 

@@ -15,7 +15,7 @@ from PIL import Image
 from genray import storage
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image
-from genray.models.style import GATYS_LAYERS, resize_longer_side, gatys_transfer
+from genray.models.style_net import GATYS_LAYERS, resize_longer_side, gatys_transfer
 from genray.models.vgg import VGGFeatures, load_vgg19_features
 
 PROGRESS_STEPS = 10  # progress lines per image

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from genray.images import decode_image, to_float
-from genray.models import autoencoder as ae
+from genray.models import dense_ae, sae_classifier
 from genray.models import get_spec
 from genray.models.data import build_dataset, fixed_batch
 
 
-def _dense_cfg(**overrides) -> ae.DenseAEConfig:
-    return ae.DenseAEConfig.tiny().model_copy(update=overrides)
+def _dense_cfg(**overrides) -> dense_ae.DenseAEConfig:
+    return dense_ae.DenseAEConfig.tiny().model_copy(update=overrides)
 
 
 def _digits_like(n: int, size: int = 28, seed: int = 0) -> np.ndarray:
@@ -29,7 +29,7 @@ def _digits_like(n: int, size: int = 28, seed: int = 0) -> np.ndarray:
 
 def test_dense_ae_forward_is_blockwise_on_any_size():
     torch.manual_seed(0)
-    model = ae.build_dense_ae(_dense_cfg()).eval()
+    model = dense_ae.build(_dense_cfg()).eval()
     x = torch.rand(2, 1, 56, 30)  # 2 x 2 blocks of 28, the second column padded from 2 to 28
     with torch.no_grad():
         y = model(x)
@@ -42,19 +42,19 @@ def test_dense_ae_forward_is_blockwise_on_any_size():
 
 def test_kl_needs_sigmoid_codes():
     with pytest.raises(ValueError, match="needs code_activation 'sigmoid'"):
-        ae.DenseAEConfig(sparsity="kl")
-    assert ae.DenseAEConfig(sparsity="kl", code_activation="sigmoid").sparsity == "kl"
+        dense_ae.DenseAEConfig(sparsity="kl")
+    assert dense_ae.DenseAEConfig(sparsity="kl", code_activation="sigmoid").sparsity == "kl"
 
 
 def test_sparsity_penalties_raise_the_loss():
     x = torch.from_numpy(to_float(_digits_like(8), "sigmoid"))
     torch.manual_seed(0)
-    model = ae.build_dense_ae(_dense_cfg(code_activation="sigmoid"))
-    plain = ae.dense_ae_losses(model, x, _dense_cfg(code_activation="sigmoid"))
+    model = dense_ae.build(_dense_cfg(code_activation="sigmoid"))
+    plain = dense_ae.compute_losses(model, x, _dense_cfg(code_activation="sigmoid"))
     assert set(plain) == {"loss", "recon_loss"}
     for sparsity in ("l1", "kl"):
         cfg = _dense_cfg(code_activation="sigmoid", sparsity=sparsity, sparsity_weight=0.1, sparsity_target=0.05)
-        losses = ae.dense_ae_losses(model, x, cfg)
+        losses = dense_ae.compute_losses(model, x, cfg)
         assert losses["recon_loss"].item() == pytest.approx(plain["recon_loss"].item())
         assert losses["sparsity_loss"].item() > 0
         assert losses["loss"].item() == pytest.approx(plain["loss"].item() + losses["sparsity_loss"].item())
@@ -62,14 +62,14 @@ def test_sparsity_penalties_raise_the_loss():
 
 def test_penalty_values():
     code = torch.tensor([[0.1, -0.3], [0.5, 0.0]])
-    assert ae.sparsity_penalty(code, _dense_cfg(sparsity="l1")).item() == pytest.approx((0.4 + 0.5) / 2)
-    assert ae.sparsity_penalty(code, _dense_cfg()).item() == 0.0
+    assert dense_ae.sparsity_penalty(code, _dense_cfg(sparsity="l1")).item() == pytest.approx((0.4 + 0.5) / 2)
+    assert dense_ae.sparsity_penalty(code, _dense_cfg()).item() == 0.0
     kl_cfg = _dense_cfg(code_activation="sigmoid", sparsity="kl", sparsity_target=0.2)
     at_target = torch.tensor([[0.1, 0.3], [0.3, 0.1]])  # both units average 0.2
-    assert ae.sparsity_penalty(at_target, kl_cfg).item() == pytest.approx(0.0, abs=1e-7)
+    assert dense_ae.sparsity_penalty(at_target, kl_cfg).item() == pytest.approx(0.0, abs=1e-7)
     rho, rho_hat = 0.2, 0.6
     expected = rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat))
-    assert ae.sparsity_penalty(torch.full((3, 1), rho_hat), kl_cfg).item() == pytest.approx(expected, rel=1e-5)
+    assert dense_ae.sparsity_penalty(torch.full((3, 1), rho_hat), kl_cfg).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_l1_training_makes_codes_sparser():
@@ -78,10 +78,10 @@ def test_l1_training_makes_codes_sparser():
     for sparsity, weight in (("none", 0.0), ("l1", 0.05)):
         cfg = _dense_cfg(sparsity=sparsity, sparsity_weight=weight, latent_dim=16)
         torch.manual_seed(0)
-        state = ae.init_dense_ae(cfg, 5e-3)
+        state = dense_ae.init_training(cfg, 5e-3)
         for _ in range(60):
-            ae.train_dense_ae(state, x)
-        results[sparsity] = ae.evaluate_dense_ae(state.model.eval(), list(_digits_like(16, seed=1)), None, cfg)
+            dense_ae.train_step(state, x)
+        results[sparsity] = dense_ae.evaluate(state.model.eval(), list(_digits_like(16, seed=1)), None, cfg)
     assert results["l1"]["code_mean_activation"] < 0.5 * results["none"]["code_mean_activation"]
     assert results["l1"]["code_near_zero_fraction"] > results["none"]["code_near_zero_fraction"]
     for metrics in results.values():
@@ -91,17 +91,17 @@ def test_l1_training_makes_codes_sparser():
 def test_2d_latent_writes_embedding_png():
     cfg = _dense_cfg(latent_dim=2, code_activation="linear")
     torch.manual_seed(0)
-    model = ae.build_dense_ae(cfg).eval()
+    model = dense_ae.build(cfg).eval()
     images = list(_digits_like(30))
-    files = ae.extra_outputs_dense_ae(model, images, [i % 10 for i in range(30)], cfg)
+    files = dense_ae.extra_outputs(model, images, [i % 10 for i in range(30)], cfg)
     assert set(files) == {"embedding.png"}
     png = files["embedding.png"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     plot = decode_image(png, channels=3)
     assert plot.shape[0] > 200 and plot.shape[1] > 2 * plot.shape[0] * 0.8  # two panels side by side
-    assert ae.extra_outputs_dense_ae(model, images, None, cfg).keys() == {"embedding.png"}  # unlabelled: one colour
-    assert ae.extra_outputs_dense_ae(ae.build_dense_ae(_dense_cfg()), images, None, _dense_cfg()) == {}
-    assert get_spec("dense_ae").extra_outputs is ae.extra_outputs_dense_ae
+    assert dense_ae.extra_outputs(model, images, None, cfg).keys() == {"embedding.png"}  # unlabelled: one colour
+    assert dense_ae.extra_outputs(dense_ae.build(_dense_cfg()), images, None, _dense_cfg()) == {}
+    assert get_spec("dense_ae").extra_outputs is dense_ae.extra_outputs
 
 
 # --- sae_classifier ----------------------------------------------------------------------------------------
@@ -120,8 +120,8 @@ def _three_classes(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     return images, labels
 
 
-def _sae_cfg(**overrides) -> ae.SAEClassifierConfig:
-    return ae.SAEClassifierConfig.tiny().model_copy(update={"num_classes": 3, "dropout": 0.0, **overrides})
+def _sae_cfg(**overrides) -> sae_classifier.SAEClassifierConfig:
+    return sae_classifier.SAEClassifierConfig.tiny().model_copy(update={"num_classes": 3, "dropout": 0.0, **overrides})
 
 
 def _run_epochs(state, batches, epochs: range) -> list[dict[str, float]]:
@@ -129,12 +129,12 @@ def _run_epochs(state, batches, epochs: range) -> list[dict[str, float]]:
     for epoch in epochs:
         state.epoch = epoch
         for batch in batches:
-            out.append(ae.train_sae_classifier(state, batch))
+            out.append(sae_classifier.train_step(state, batch))
     return out
 
 
 def _batches(images, labels, cfg, batch_size: int = 16):
-    dataset = ae.make_labelled_dataset(images, labels, cfg)
+    dataset = sae_classifier.make_dataset(images, labels, cfg)
     x, y = fixed_batch(dataset, len(dataset))
     return list(zip(x.split(batch_size), y.split(batch_size)))
 
@@ -144,7 +144,7 @@ def test_classifier_learns_separable_classes_after_pretraining():
     images, labels = _three_classes(48, seed=0)
     batches = _batches(images, labels, cfg)
     torch.manual_seed(0)
-    state = ae.init_sae_classifier(cfg, 1e-2)
+    state = sae_classifier.init_training(cfg, 1e-2)
     pretrain = _run_epochs(state, batches, range(1, 4))
     assert all(set(step) == {"loss", "recon_loss"} for step in pretrain)
     assert pretrain[-1]["recon_loss"] < pretrain[0]["recon_loss"]
@@ -152,7 +152,7 @@ def test_classifier_learns_separable_classes_after_pretraining():
     assert all(set(step) == {"loss", "ce_loss", "accuracy"} for step in classify)
     assert classify[-1]["ce_loss"] < classify[0]["ce_loss"]
     held_out, held_out_labels = _three_classes(30, seed=1)
-    metrics = ae.evaluate_sae_classifier(state.model.eval(), held_out, held_out_labels, cfg)
+    metrics = sae_classifier.evaluate(state.model.eval(), held_out, held_out_labels, cfg)
     assert metrics["accuracy"] >= 0.9, metrics
     assert {f"f1_class_{k}" for k in range(3)} <= metrics.keys()
     assert all(isinstance(v, float) for v in metrics.values())
@@ -164,7 +164,7 @@ def test_freeze_encoder_really_freezes(freeze):
     images, labels = _three_classes(24, seed=0)
     batches = _batches(images, labels, cfg)
     torch.manual_seed(0)
-    state = ae.init_sae_classifier(cfg, 1e-2)
+    state = sae_classifier.init_training(cfg, 1e-2)
     model = state.model
 
     def snapshot(module):
@@ -195,12 +195,12 @@ def test_classifier_dataset_needs_labels():
 
 
 def test_classifier_forward_logits_and_evaluate_without_labels():
-    cfg = ae.SAEClassifierConfig.tiny()
-    model = ae.build_sae_classifier(cfg).eval()
+    cfg = sae_classifier.SAEClassifierConfig.tiny()
+    model = sae_classifier.build(cfg).eval()
     with torch.no_grad():
         assert model(torch.rand(5, 1, 16, 16)).shape == (5, 10)
     with pytest.raises(ValueError, match="sae_classifier expects"):
         model(torch.rand(5, 1, 28, 28))
     images, _ = _three_classes(6, seed=0)
-    metrics = ae.evaluate_sae_classifier(model, images, None, cfg)
+    metrics = sae_classifier.evaluate(model, images, None, cfg)
     assert set(metrics) == {"recon_bce", "num_eval_images"}

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from genray import storage
-from genray.artifacts import load_artifact
+from genray.model_artifact import load_artifact
 from genray.config import load_config, read_yaml
 from genray.training.trainer import run_training
 
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 TINY_CONFIGS = sorted(Path("configs/tiny").glob("*.yaml"))
 

@@ -120,7 +120,7 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
     return out
 
 
-PHOTO_DENOISER = ModelSpec(
+SPEC = ModelSpec(
     name="photo_denoiser",
     config_cls=PhotoDenoiserConfig,
     task="denoise",

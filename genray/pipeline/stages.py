@@ -5,7 +5,7 @@ fixed typo, a missing bucket created) skips stages already done with the same in
 first unfinished one: training is reused when its config digest matches (and a half-finished training resumes
 from its own last checkpoint), the evaluation when the artefact digest matches, a bulk job skips the inputs its
 manifest already has. `<run_uri>/report/report.md` (plus the PNGs it shows) is rewritten after every stage, so a
-failed gate or a crash still leaves a readable report. (The bulk job's own internals are genray/batch/pipeline.py.)
+failed gate or a crash still leaves a readable report. (The bulk job itself is genray/process/.)
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def serve_config_for(cfg: PipelineConfig, model_uri: str) -> ServeFileConfig:
 
 def run_pipeline(cfg: PipelineConfig, train_cfg: TrainConfig, log: Callable[[str], None] = print) -> PipelineRun:
     """Run every unfinished stage (see the module docstring); raises GateFailed when the gate fails."""
-    from genray.pipeline_report import write_report
+    from genray.pipeline.report import write_report
 
     run = PipelineRun.load(cfg)
     try:
@@ -128,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig, train_cfg: TrainConfig, log: Callable[[str
 
 
 def _train(run: PipelineRun, train_cfg: TrainConfig, log) -> str:
-    from genray.artifacts import read_meta
+    from genray.model_artifact import read_meta
     from genray.training.trainer import run_training
 
     inputs = digest_of(train_cfg.model_dump_plain())
@@ -152,7 +152,7 @@ def _train(run: PipelineRun, train_cfg: TrainConfig, log) -> str:
 
 
 def _evaluate(run: PipelineRun, model_uri: str, log) -> dict[str, Any]:
-    from genray.artifacts import read_meta
+    from genray.model_artifact import read_meta
     from genray.evaluation import evaluate_model, write_evaluation
 
     ev = run.cfg.eval
@@ -185,8 +185,8 @@ def _gate(run: PipelineRun, evaluation: dict[str, Any], log) -> None:
 
 
 def _bulk_job(run: PipelineRun, job, model_uri: str, log) -> None:
-    from genray.artifacts import read_meta
-    from genray.batch.pipeline import run_process_job
+    from genray.model_artifact import read_meta
+    from genray.process.job import run_process_job
 
     process_cfg = validate(ProcessConfig, {**job.job, "model_uri": model_uri}, f"bulk job {job.name}")
     stage = f"bulk:{job.name}"
@@ -207,7 +207,7 @@ def _bulk_job(run: PipelineRun, job, model_uri: str, log) -> None:
 def _serve(run: PipelineRun, model_uri: str, log) -> None:
     import requests
 
-    from genray.artifacts import read_meta
+    from genray.model_artifact import read_meta
     from genray.serving.deploy import run_serve_config
 
     serve_cfg = serve_config_for(run.cfg, model_uri)

@@ -13,15 +13,14 @@ import pytest
 import ray
 
 from genray import storage
-from genray.artifacts import read_meta
-from genray.batch.gatys import GatysStylizer, gatys_digest
-from genray.batch.pipeline import JobError, ProcessImages, run_process_job
+from genray.model_artifact import read_meta
+from genray.process.gatys import GatysStylizer, gatys_digest
+from genray.process.job import JobError, ProcessImages, run_process_job
 from genray.config import ProcessConfig
 from genray.images import decode_image, encode_png
-from genray.models.style import builtin_style
+from genray.models.style_net import builtin_style
 
-from conftest import save_untrained_artifact
-from test_batch import read_manifest_table
+from helpers import read_manifest_table, save_untrained_artifact
 
 # The fault-injecting actor classes below live in this test module, which Ray's workers cannot import:
 # ship the module to them by value.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import math
 import time
 from collections import Counter
@@ -21,9 +20,9 @@ import pyarrow as pa
 import ray
 
 from genray import storage
-from genray.artifacts import ArtifactError, read_meta
-from genray.batch import archives as batch_archives
-from genray.batch import manifest
+from genray.model_artifact import ArtifactError, read_meta
+from genray.process import read_stage
+from genray.process import manifest
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_png
 
@@ -69,7 +68,7 @@ class JobSummary:
 def check_model(cfg: ProcessConfig) -> dict[str, Any]:
     """The model's model.json (or, for a Gatys style job, its recipe), checked against the task before any work."""
     if cfg.model_uri is None:  # style job with a style image: Gatys optimisation, no artefact
-        from genray.batch.gatys import GatysStylizer, StyleImageError
+        from genray.process.gatys import GatysStylizer, StyleImageError
         from genray.models.vgg import VGGWeightsError
 
         try:
@@ -97,7 +96,7 @@ class Plan:
 def plan(cfg: ProcessConfig, digest: str) -> Plan:
     tar = cfg.output_format == "tar"
     try:
-        inputs = batch_archives.list_inputs(cfg.input_uri)
+        inputs = read_stage.list_inputs(cfg.input_uri)
     except storage.StorageError as err:
         raise JobError(str(err)) from None
     out_rel = _nested_prefix(inputs.base_uri, cfg.output_uri)
@@ -106,9 +105,9 @@ def plan(cfg: ProcessConfig, digest: str) -> Plan:
         return bool(out_rel) and obj.key.startswith(out_rel)
 
     done = manifest.read_manifest(cfg.output_uri)
-    units, skipped, refused = batch_archives.plan_archives([o for o in inputs.archives if not mine(o)], done,
+    units, skipped, refused = read_stage.plan_archives([o for o in inputs.archives if not mine(o)], done,
                                                            digest, cfg.output_uri, tar)
-    refused += [batch_archives.error_row(key, None, digest, why) for key, why in inputs.missing]
+    refused += [read_stage.error_row(key, None, digest, why) for key, why in inputs.missing]
     todo, taken = [], set()
     for obj in inputs.images:
         if mine(obj):
@@ -117,7 +116,7 @@ def plan(cfg: ProcessConfig, digest: str) -> Plan:
         try:
             storage.join_uri(cfg.output_uri, out_key)
         except storage.UnsafeKeyError as err:
-            refused.append(batch_archives.error_row(obj.key, obj.etag, digest, str(err)))
+            refused.append(read_stage.error_row(obj.key, obj.etag, digest, str(err)))
             continue
         prev = done.get(obj.key)
         if manifest.is_done(prev, obj.etag, digest, out_key, tar):
@@ -143,7 +142,7 @@ class ProcessImages:
         torch.set_num_threads(num_threads)
         self.cfg = ProcessConfig.model_validate(cfg)
         if self.cfg.model_uri is None:  # style job with a style image: Gatys optimisation per image
-            from genray.batch.gatys import GatysStylizer
+            from genray.process.gatys import GatysStylizer
 
             self.predictor = GatysStylizer(self.cfg)
         else:
@@ -160,7 +159,7 @@ class ProcessImages:
         started = time.perf_counter()
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["input_key"]))]
         # Rows the read stage finished already (skipped archive members, refused entries, an archive's own row).
-        passed = [batch_archives.passed_through(row["result"]) for row in rows if row.get("result")]
+        passed = [read_stage.passed_through(row["result"]) for row in rows if row.get("result")]
         rows = [row for row in rows if not row.get("result")]
         # [1] read + decode, all of the batch's objects at once: a remote store's latency is paid once per batch,
         # not once per image. A bad file is an error row.
@@ -173,7 +172,7 @@ class ProcessImages:
         per_image = (time.perf_counter() - started) / max(len(rows), 1)
         for r in results:
             r["seconds"] = per_image
-        return batch_archives.output_table(results + passed)
+        return read_stage.output_table(results + passed)
 
     def _read(self, row: dict[str, Any]) -> np.ndarray | str:
         try:
@@ -193,7 +192,7 @@ class ProcessImages:
             if self.cfg.output_format == "tar":  # the driver writes it into a shard
                 return {**self._row(row, "ok", None, w, h), "data": png, "sidecars": row.get("sidecars")}
             storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png)
-            for name, data in batch_archives.decode_sidecars(row.get("sidecars")):  # key.json beside key.png
+            for name, data in read_stage.decode_sidecars(row.get("sidecars")):  # key.json beside key.png
                 storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data)
             return self._row(row, "ok", None, w, h)
         except storage.StorageError as err:
@@ -264,7 +263,7 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
         summary.record(row)
     if todo or units:
         ds = _dataset(cfg, work, digest, udf, log)
-        rows = batch_archives.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
+        rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
                                          cfg.shard_bytes)
         progress = Progress(None if units else len(todo), log)
         try:
@@ -317,11 +316,11 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray
             f"now: waiting up to {ACTOR_START_TIMEOUT_S} s for more nodes (lower --concurrency otherwise)")
     if work.units:
         # One read task per archive (and per group of loose images), each streaming its rows out in small blocks.
-        units = work.units + batch_archives.file_units(work.todo)
+        units = work.units + read_stage.file_units(work.todo)
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-        ds = ds.map_batches(batch_archives.read_units, batch_size=1,
+        ds = ds.map_batches(read_stage.read_units, batch_size=1,
                             fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
-                                       "max_member_bytes": batch_archives.max_member_bytes(cfg.max_pixels),
+                                       "max_member_bytes": read_stage.max_member_bytes(cfg.max_pixels),
                                        "rows_per_block": cfg.batch_size})
         # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB): cut them at one
         # batch instead, so one archive feeds every model actor and finished rows stream back as they are done.

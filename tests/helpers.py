@@ -1,0 +1,79 @@
+"""Helpers the tests share (fixtures live in conftest.py): the real CLI as a subprocess, tiny artefacts and
+configs, the manifest of a bulk job, crafted image bytes, the local multi-node cluster script."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pyarrow.dataset as pds
+from PIL import Image
+
+from genray import storage
+from genray.runtime import free_port  # noqa: F401  (re-exported: tests import it from here)
+
+GENRAY = str(Path(sys.executable).with_name("genray"))
+
+
+def genray(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The installed `genray` command run as a subprocess, output captured."""
+    return subprocess.run([GENRAY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def read_manifest_table(output_uri: str):
+    """A bulk job's whole manifest as one Arrow table, read as users read it (pyarrow.dataset)."""
+    fs, path = storage.pyarrow_filesystem(f"{output_uri}/_manifest")
+    return pds.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def tiny_train_config(digits_uri: str, output_uri: str, name: str = "tiny", **train):
+    """configs/tiny/denoise_ae.yaml pointed at the test digits and `output_uri`."""
+    from genray.config import load_config
+
+    overrides = [f"data.uri={digits_uri}/train/", f"data.held_out_uri={digits_uri}/test/",
+                 f"output_uri={output_uri}", f"name={name}", "data.limit=null"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config("configs/tiny/denoise_ae.yaml", overrides)
+
+
+def save_untrained_artifact(uri: str, family: str, seed: int = 0, **options) -> str:
+    """A model artefact of the family's tiny config with seeded random weights (bulk-job plumbing does not
+    depend on what the weights learned). Returns the URI."""
+    import torch
+
+    from genray.model_artifact import save_artifact
+    from genray.models import get_spec
+
+    spec = get_spec(family)
+    cfg = spec.config_cls.tiny().model_copy(update=options)
+    torch.manual_seed(seed)
+    save_artifact(uri, spec, cfg, spec.build(cfg).eval(), {})
+    return uri
+
+
+def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    """`image` saved in `fmt` (Pillow's format name) with Pillow's save options."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk with a correct CRC, for crafting PNGs whose header says what the test needs."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def load_ray_local():
+    """cluster/local/ray_local.py as a module (it is a script, not part of the genray package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "cluster" / "local" / "ray_local.py"
+    spec = importlib.util.spec_from_file_location("ray_local", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
