@@ -16,7 +16,7 @@ from PIL import Image
 
 from genray import storage
 from genray.model_artifact import ArtifactError, load_artifact
-from genray.images import center_crop
+from genray.images import center_crop, resize
 from genray.metrics import psnr, rgb_to_y, ssim
 
 TASKS = ("superres", "denoise", "generate", "classify", "reconstruct")
@@ -71,13 +71,6 @@ def _fmt(value: float | None) -> str:
 
 
 # -- shared pieces --------------------------------------------------------------------------------------------
-
-def resize(image: np.ndarray, width: int, height: int, method: Image.Resampling) -> np.ndarray:
-    """uint8 HWC (C = 1 or 3) resized with PIL, the resampler users' own scripts would reach for."""
-    plane = image[:, :, 0] if image.shape[2] == 1 else image
-    out = np.asarray(Image.fromarray(plane).resize((width, height), method))
-    return out[:, :, None] if image.shape[2] == 1 else out
-
 
 def image_scores(clean: np.ndarray, result: np.ndarray, border: int = 0) -> dict[str, float]:
     """PSNR and SSIM of uint8 HWC images (data range 255) after leaving out `border` pixels at each edge; for RGB

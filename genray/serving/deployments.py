@@ -13,11 +13,10 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from ray import serve
 
 from genray.config import DeploymentOptions, ModelServeConfig, StylePoolConfig
-from genray.images import encode_png, make_grid
+from genray.images import encode_png, make_grid, resize
 
 RECENT = 100  # batch sizes kept per replica, for GET /models and the batching test
 
@@ -62,16 +61,6 @@ def _artifact_info(uri: str, meta: dict[str, Any]) -> dict[str, Any]:
 
     return {"uri": uri, "family": meta["family"], "task": get_spec(meta["family"]).task, "digest": meta["digest"],
             "metrics": meta.get("metrics", {})}
-
-
-def fit_image(image: np.ndarray, side: int, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (side, side, channels) for fixed-size models: bicubic resize, grey <-> RGB."""
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    pil = pil.convert("L" if channels == 1 else "RGB")
-    if pil.size != (side, side):
-        pil = pil.resize((side, side), Image.Resampling.BICUBIC)
-    array = np.asarray(pil, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
@@ -181,7 +170,7 @@ class GeneratorDeployment(_Replica):
         side, channels = self.model_cfg.image_size, self.model_cfg.channels
 
         def run() -> list[bytes]:
-            fitted = [fit_image(im, side, channels) for im in images]
+            fitted = [resize(im, side, side, channels=channels) for im in images]
             return [encode_png(y) for y in vae.reconstruct(self.model, fitted)]
 
         return await asyncio.to_thread(run)
@@ -215,7 +204,7 @@ class ClassifierDeployment(_Replica):
         from genray.images import to_float
 
         side, channels = self.model_cfg.image_size, self.model_cfg.channels
-        x = to_float(np.stack([fit_image(im, side, channels) for im in images]), self.spec.value_range)
+        x = to_float(np.stack([resize(im, side, side, channels=channels) for im in images]), self.spec.value_range)
         with torch.inference_mode():
             probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device)), dim=1).cpu().numpy()  # (B, K)
         return [{"label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
