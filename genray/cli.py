@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from genray.config import ConfigError
+from genray.tasks import BULK_TASKS, EVAL_TASKS
 
 # Errors a user can fix; printed as one line instead of a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("process", help="run a bulk job over an image prefix on Ray Data")
-    pr.add_argument("task", choices=("denoise", "superres", "style"))
+    pr.add_argument("task", choices=BULK_TASKS)
     pr.add_argument("--input", help="a prefix of images and/or archives (.tar, .tar.gz, .tgz, .zip), one archive, "
                     "or a brace pattern of shards: s3://b/shards/shard-{000000..000099}.tar")
     pr.add_argument("--output", help="output prefix URI")
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the real-vs-real floor, classify vs logistic regression, reconstruct (negative ELBO) vs PCA.")
     ev.add_argument("--model", required=True, help="model artefact URI (genray train's <output>/model)")
     ev.add_argument("--data", required=True, help="held-out image prefix URI, e.g. s3://genray-data/photos/test/")
-    ev.add_argument("--task", choices=("superres", "denoise", "generate", "classify", "reconstruct"),
+    ev.add_argument("--task", choices=EVAL_TASKS,
                     help="default: the model's own task")
     ev.add_argument("--sigma", type=float, help="denoise: Gaussian noise sigma in 0..255 (default: the model's)")
     ev.add_argument("--samples", type=int, help="generate: samples per Fréchet distance (default 500)")

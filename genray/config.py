@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from genray.tasks import BULK_TASKS, EVAL_TASKS
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""
@@ -157,7 +159,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[
     return validate(cls, data, str(path))
 
 
-TaskName = Literal["denoise", "superres", "style"]
+TaskName = Literal[BULK_TASKS]  # the tasks `genray process` runs (genray/tasks.py)
 
 
 class ProcessConfig(Strict):
@@ -387,7 +389,7 @@ class PipelineEval(Strict):
     """What `genray eval` runs on the trained artefact before the gate (see genray/evaluation.py)."""
 
     data_uri: str  # held-out images, e.g. s3://genray-data/photos/test/
-    task: Literal["superres", "denoise", "generate", "classify", "reconstruct"] | None = None  # default: the model's
+    task: Literal[EVAL_TASKS] | None = None  # default: the model's
     sigma: float | None = Field(default=None, gt=0)  # denoise: noise sigma in 0..255 (default: the model's)
     num_samples: int | None = Field(default=None, gt=1)  # generate: samples per Fréchet distance
     reference_model_uri: str | None = None  # generate: e.g. a VAE artefact, for fid_ratio_vs_vae
