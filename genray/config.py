@@ -5,8 +5,9 @@ Defaults live only in these classes (and in each model family's config class, be
 """
 from __future__ import annotations
 
+import operator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -371,18 +372,21 @@ class ServeFileConfig(Strict):
 
 # -- genray pipeline: train -> eval -> gate -> bulk jobs -> serve, one YAML ------------------------------------
 
-GATE_OPERATORS = (">=", "<=", "==", ">", "<")  # two-character operators first, so '>=' is not read as '>'
+# A gate condition's operators; two-character ones first, so '>=' is not read as '>'.
+GATE_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
 
 
-def parse_gate_condition(text: str) -> tuple[str, str, float]:
-    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', '>=', 0.5)."""
+def parse_gate_condition(text: str) -> tuple[str, Callable[[float, float], bool], float]:
+    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', operator.ge, 0.5)."""
     import re
 
-    match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
+    ops = "|".join(map(re.escape, GATE_OPERATORS))
+    match = re.fullmatch(rf"\s*([A-Za-z_][A-Za-z0-9_]*)\s*({ops})\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
     if not match:
         raise ValueError(f"{text!r}: a gate condition is '<metric> <op> <number>' with op one of "
                          f"{' '.join(GATE_OPERATORS)}, e.g. 'accuracy >= 0.95'")
-    return match[1], match[2], float(match[3])
+    return match[1], GATE_OPERATORS[match[2]], float(match[3])
 
 
 class PipelineEval(Strict):

@@ -16,6 +16,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from genray.images import make_grid, resize, resize_side, to_uint8
 from genray.models.data import RandomCrops, image_tensor_dataset
+from genray.models.layers import unwrap
 from genray.models.spec import ModelSpec, TrainState
 
 # variant -> (side, channels, side of the generator's first feature map)
@@ -121,10 +122,6 @@ def build(cfg: DCGANConfig) -> Generator:
     return Generator(cfg)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module  # DDP keeps the real module in .module
-
-
 def init_training(cfg: DCGANConfig, lr: float) -> TrainState:
     generator, discriminator = build(cfg), Discriminator(cfg)
     modules: dict[str, nn.Module] = {"model": generator, "discriminator": discriminator}
@@ -198,7 +195,7 @@ def train_step(state: TrainState, real: torch.Tensor) -> dict[str, float]:
     loss_g.backward()
     opt_g.step()
     if cfg.ema_decay is not None:
-        update_ema(_unwrap(state.modules["model"]), _unwrap(G), cfg.ema_decay)
+        update_ema(unwrap(state.modules["model"]), unwrap(G), cfg.ema_decay)
     out["loss_g"] = loss_g.item()
     out["loss"] = out["loss_g"]  # the loss plot's line
     return out

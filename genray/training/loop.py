@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec
 from genray.models.data import build_dataset, fixed_batch
+from genray.models.layers import unwrap
 from genray.training import outputs
 
 CHECKPOINT_FILE = "state.pt"
@@ -65,10 +66,6 @@ def lr_factor(train: TrainParams, epoch: int) -> float:
         return 1.0
     progress = (epoch - 1) / train.epochs  # 0 at the first epoch, 1 - 1/epochs at the last
     return train.lr_min_factor + (1 - train.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module  # DDP keeps the real model in .module
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from genray.model_artifact import save_artifact
 from genray.config import TrainConfig
 from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec
+from genray.runtime import ray_error_line
 from genray.training import outputs
 from genray.training.loop import CHECKPOINT_FILE, train_loop_per_worker
 
@@ -30,14 +30,6 @@ class TrainResult:
     model_uri: str
     checkpoint_uri: str
     metrics: dict[str, Any]
-
-
-def worker_error_line(err: BaseException) -> str:
-    """The worker's own exception line (e.g. 'ValueError: no images under s3://...') out of Ray's long report."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    ours = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)
-            and not line.startswith(("ray.", "TrainingFailedError", "WorkerGroupError", "ControllerError"))]
-    return ours[-1] if ours else (lines[0] if lines else type(err).__name__)
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
@@ -78,7 +70,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     try:
         result = build_trainer(cfg).fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"training run {cfg.name!r} failed: {worker_error_line(err)}") from None
+        raise TrainingError(f"training run {cfg.name!r} failed: {ray_error_line(err)}") from None
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
 
