@@ -32,13 +32,17 @@ from genray.s3server import LocalS3Server  # noqa: E402
 from helpers import load_ray_local, save_untrained_artifact, tiny_train_config  # noqa: E402
 
 
+# Tests that use any of these need a Ray instance (a local one, Serve, or the multi-node cluster): they are the
+# `integration` tier. `make test-fast` runs the rest (no Ray, no Serve, no CLI subprocess) for the edit loop;
+# modules that drive the CLI as a subprocess mark themselves with `pytestmark = pytest.mark.integration`.
+RAY_FIXTURES = {"ray_session", "ray_local", "serve_http", "serve_app", "serve_families", "tiny_model",
+                "multinode_cluster", "ray_cluster"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("GENRAY_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow test; set GENRAY_SLOW=1 to run")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

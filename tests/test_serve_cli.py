@@ -16,6 +16,8 @@ import yaml
 from helpers import free_port
 from genray.images import decode_image, encode_png
 
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 # all.yaml's endpoint -> the family whose test artefact it serves (tests/conftest.py serve_family_uris).

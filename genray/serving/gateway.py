@@ -143,9 +143,9 @@ class Gateway:
                        seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
         """n samples of a DCGAN or VAE as a PNG grid; the same seed gives the same image (X-Seed says which)."""
         self._authorize(request)
-        handle = self._model(model, "generator")
+        handle, n = self._model(model, "generator"), self._count(n, "n", 1)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        grid = await self._answer(handle.generate.remote(self._count(n, "n", 1), seed))
+        grid = await self._answer(handle.generate.remote(n, seed))
         return _png(grid, **{"X-Seed": str(seed)})
 
     @api.post("/vae/{model}/reconstruct", responses=_PNG, openapi_extra=_IMAGE_BODY)
@@ -161,9 +161,9 @@ class Gateway:
                               seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
         """Decodings along the line between two latents drawn with `seed`, as one row of `steps` images."""
         self._authorize(request)
-        handle = self._model(model, "generator", reconstructs=True)
+        handle, steps = self._model(model, "generator", reconstructs=True), self._count(steps, "steps", 2)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        strip = await self._answer(handle.interpolate.remote(self._count(steps, "steps", 2), seed))
+        strip = await self._answer(handle.interpolate.remote(steps, seed))
         return _png(strip, **{"X-Seed": str(seed)})
 
     @api.post("/classify/{model}", openapi_extra=_IMAGE_BODY)
