@@ -19,7 +19,8 @@ import numpy as np
 
 from genray import storage
 from genray.images import encode_png
-from genray.submit import build_job, wait_until_done
+from genray.cli import build_job
+from genray.submit import wait_until_done
 
 from helpers import read_manifest_table
 

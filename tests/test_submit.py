@@ -12,7 +12,8 @@ import pytest
 from genray import storage
 from genray.model_artifact import read_meta
 from genray.config import ConfigError
-from genray.submit import SubmitError, auth_headers, build_job, split_address
+from genray.cli import build_job
+from genray.submit import SubmitError, auth_headers, split_address
 
 from helpers import REPO, genray
 
