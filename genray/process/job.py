@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -126,14 +127,11 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
         block: list[pa.Table] = []
         block_rows, target = 0, BLOCK_BATCHES * cfg.batch_size
         for page in pages:
-            images = []
-            for obj in page:
-                if out_rel and obj.key.startswith(out_rel):
-                    continue  # never eat our own outputs
-                if archives.is_archive(obj.key):
-                    archive_objs.append(obj)
-                elif read_stage.is_image(obj.key):
-                    images.append(obj)
+            if out_rel:  # never eat our own outputs
+                page = [obj for obj in page if not obj.key.startswith(out_rel)]
+            images = [obj for obj in page if read_stage.is_image(obj.key)]
+            if len(images) < len(page):  # the listing holds only images and archives
+                archive_objs += [obj for obj in page if archives.is_archive(obj.key)]
             if not images:
                 continue
             todo = _diff_page(cfg, digest, tar, images, out_keys, done, done_keys, work)
@@ -188,36 +186,44 @@ class _OutputKeys:
 
     def __init__(self):
         self.groups: dict[str, set[str]] = {}
-        self.last, self.sorted = "", True
+        self.last, self.sorted, self.calls = "", True, 0
 
     def __call__(self, key: str) -> str:
         if key < self.last:
             self.sorted = False
         self.last = key
-        if self.sorted and len(self.groups) > 32:
+        self.calls += 1
+        if self.sorted and self.calls % 256 == 0:
             for prefix in [p for p in self.groups if not key.startswith(p)]:
                 del self.groups[prefix]  # key > prefix and does not start with it: no later key does either
-        folder, slash, name = key.rpartition("/")
-        group = folder + slash + name.split(".", 1)[0] + "."
+        dot = key.find(".", key.rfind("/") + 1)  # the name's first dot
+        group = key[:dot + 1] if dot >= 0 else key + "."
         return manifest.output_key_for(key, self.groups.setdefault(group, set()))
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_. -]*(/[A-Za-z0-9_-][A-Za-z0-9_. -]*)*")
+
+
+def _plain_key(key: str) -> bool:
+    """Keys no storage rule can refuse (segments of letters, digits and '_-. ', none starting with '.'): these skip
+    storage.join_uri's checks, which cost as much per key as the listing itself."""
+    return _PLAIN_KEY.fullmatch(key) is not None
 
 
 def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.ObjectInfo], out_keys: _OutputKeys,
                done: pa.Table, done_keys: pa.Array, work: Plan) -> pa.Table:
     """One listing page against the manifest: counts the skipped, records refused keys, returns the to-do rows."""
-    rows: dict[str, list] = {"input_key": [], "input_uri": [], "input_etag": [], "output_key": []}
-    for obj in images:
-        out_key = out_keys(obj.key)
+    outs = [out_keys(obj.key) for obj in images]
+    unsafe = [i for i, out in enumerate(outs) if not _plain_key(out)]
+    for i in reversed(unsafe):  # the storage layer decides; only keys with unusual characters get that far
         try:
-            storage.join_uri(cfg.output_uri, out_key)
+            storage.join_uri(cfg.output_uri, outs[i])
         except storage.UnsafeKeyError as err:
+            obj = images.pop(i)
+            outs.pop(i)
             work.refused.append(read_stage.error_row(obj.key, obj.etag, digest, str(err)))
-            continue
-        rows["input_key"].append(obj.key)
-        rows["input_uri"].append(obj.uri)
-        rows["input_etag"].append(obj.etag)
-        rows["output_key"].append(out_key)
-    page = pa.table(rows, schema=TODO_SCHEMA)
+    page = pa.table([[o.key for o in images], [o.uri for o in images], [o.etag for o in images], outs],
+                    schema=TODO_SCHEMA)
     if not page.num_rows or not len(done_keys):
         return page
     keys = page.column("input_key")

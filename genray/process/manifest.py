@@ -47,12 +47,23 @@ COLUMNS = SCHEMA.names
 
 def output_key_for(input_key: str, taken: set[str]) -> str:
     """a/b.jpg -> a/b.png; if another input already maps there (a/b.png beside a/b.jpg), a/b.jpg.png."""
-    path = PurePosixPath(input_key)
-    key = str(path.with_suffix(".png"))
+    key = _with_png_suffix(input_key)
     if key in taken:
         key = input_key + ".png"
     taken.add(key)
     return key
+
+
+def _with_png_suffix(key: str) -> str:
+    """str(PurePosixPath(key).with_suffix('.png')), without building a path for a plain key (planning calls this
+    once per input; pathlib costs several times the listing's own work per key)."""
+    name = key[key.rfind("/") + 1:]
+    plain = name not in ("", ".", "..") and "//" not in key and not key.startswith(("/", "./")) \
+        and "/./" not in key and not key.endswith("/.")
+    if not plain:
+        return str(PurePosixPath(key).with_suffix(".png"))
+    dot = name.rfind(".")
+    return (key[:len(key) - len(name) + dot] if 0 < dot < len(name) - 1 else key) + ".png"
 
 
 def is_done(prev: dict[str, Any] | None, etag: str, digest: str, output_key: str, tar: bool) -> bool:
@@ -120,8 +131,9 @@ def _read_file(info: storage.ObjectInfo, columns: list[str] | None = None) -> pa
     data = storage.read_bytes(info.uri)
     if not data:
         raise pa.ArrowInvalid("empty file")
-    table = pq.read_table(pa.BufferReader(data), columns=columns,
-                          read_dictionary=[c for c in _DICTIONARY_COLUMNS if columns is None or c in columns])
+    # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and with it pandas (seconds, ~50 MB).
+    table = pq.ParquetFile(pa.BufferReader(data), read_dictionary=[
+        c for c in _DICTIONARY_COLUMNS if columns is None or c in columns]).read(columns=columns)
     missing = [c for c in (columns or COLUMNS) if c not in table.column_names]
     if missing:
         raise pa.ArrowInvalid(f"no column {', '.join(missing)}")
