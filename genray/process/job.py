@@ -233,7 +233,7 @@ def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.
     if lo == hi:
         return page
     near = done.slice(lo, hi - lo)  # the manifest's rows in this page's key range (sorted listing: about a page)
-    prev = near.take(pc.index_in(keys, value_set=near.column("input_key")))
+    prev = near.take(pc.index_in(keys, value_set=near.column("input_key").combine_chunks()))
     status = prev.column("status").cast(pa.string())
     ok = pc.and_kleene(pc.is_in(status, value_set=pa.array(["ok", "skipped"])),
                        pc.equal(prev.column("input_etag"), page.column("input_etag")))

@@ -274,16 +274,20 @@ def _report(info: storage.ObjectInfo, err: Exception, where: str, log) -> None:
 
 def _newest(tables: list[pa.Table]) -> pa.Table:
     """Tables in file order (oldest first) -> one table sorted by input_key with the newest row of each key."""
-    tables = [t.append_column("_order", pa.array(np.full(t.num_rows, i, np.int32))) for i, t in enumerate(tables)]
     table = pa.concat_tables(tables, promote_options="permissive")
-    del tables
+    keys = table.column("input_key")
+    if table.num_rows < 2 or pc.all(pc.greater(keys.slice(1), keys.slice(0, table.num_rows - 1))).as_py():
+        return table  # sorted with one row per key already (one compacted file): no sorted copy of it all
+    orders = [np.full(t.num_rows, i, np.int32) for i, t in enumerate(tables)]
+    table = table.append_column("_order", pa.chunked_array([pa.array(o) for o in orders], pa.int32()))
+    del tables, orders
     table = table.take(pc.sort_indices(table, [("input_key", "ascending"), ("_order", "descending")]))
     keys = table.column("input_key")
     if table.num_rows > 1:
         first = pc.not_equal(keys.slice(1), keys.slice(0, table.num_rows - 1)).combine_chunks()
         if pc.sum(pc.invert(first)).as_py():  # some key has rows in two files
             table = table.filter(pa.concat_arrays([pa.array([True]), first]))
-    return table.drop_columns(["_order"]).combine_chunks()
+    return table.drop_columns(["_order"])
 
 
 def _segment(info: storage.ObjectInfo) -> Segment | None:
