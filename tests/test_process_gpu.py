@@ -61,10 +61,11 @@ def test_config_and_flags_for_gpu_jobs():
 def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, sr_model_uri, s3_bucket):
     """--gpus-per-actor 0.5 --concurrency 2-4 on one node with 1 logical GPU: two actors there, none on the head
     (no GPU); a second GPU node added mid-job gets the pool's other two. The manifest's node_id shows both."""
-    keys = [f"img{i:03d}.png" for i in range(120)]
+    # Enough work that the job is still running when the added node is up (a node takes 10-60 s to join here).
+    keys = [f"img{i:03d}.png" for i in range(600)]
     rng = np.random.default_rng(0)
     for key in keys:
-        storage.write_bytes(f"{s3_bucket}/gpu-in/{key}", encode_png(rng.integers(0, 256, (24, 24, 3), np.uint8)))
+        storage.write_bytes(f"{s3_bucket}/gpu-in/{key}", encode_png(rng.integers(0, 256, (64, 64, 3), np.uint8)))
     client = gpu_cluster.jobs_client()
     entrypoint = (f"python jobs/process.py superres --input {s3_bucket}/gpu-in --output {s3_bucket}/gpu-out "
                   f"--model {sr_model_uri} --batch-size 1 --gpus-per-actor 0.5 --concurrency 2-4 "
@@ -83,7 +84,18 @@ def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, sr_mo
         assert not info.status.is_terminal() and time.monotonic() < deadline, client.get_job_logs(job_id)[-4000:]
         time.sleep(0.2)
     assert set(actor_nodes()) == {ids[first]}  # never on the head: it has no GPU
-    added = gpu_cluster.add_node()  # [2] a GPU node joins mid-job
+    print(f"\n[gpu] {time.strftime('%X')} 2 actors on {first}; adding a node")
+    added = gpu_cluster.add_node()  # [2] a GPU node joins mid-job: the pool grows onto it (MAX 4 = 2 per node)
+    new_id = gpu_cluster.alive()[added]
+    deadline = time.monotonic() + 600
+    while actor_nodes()[new_id] < 2:
+        info = client.get_job_info(job_id)
+        assert not info.status.is_terminal(), \
+            f"the job ended before {added} got actors (use more inputs):\n{client.get_job_logs(job_id)[-3000:]}"
+        assert time.monotonic() < deadline, f"no actors on {added}: {actor_nodes()}"
+        time.sleep(0.5)
+    print(f"[gpu] {time.strftime('%X')} {added} has 2 actors")
+    assert max(actor_nodes().values()) == 2  # two per GPU node (0.5 GPU each), whatever the CPUs would allow
     info = wait_until_done(client, job_id, timeout=1200)
     logs = client.get_job_logs(job_id)
     assert str(info.status) == "SUCCEEDED", logs[-4000:]
