@@ -67,7 +67,10 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
              "forward_batch_size": args.forward_batch_size,
              "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
              "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights,
-             "output_format": args.output_format, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes}
+             "output_format": args.output_format, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes,
+             "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor,
+             "precision": args.precision, "overlap_io": args.overlap_io,
+             "verify_outputs": args.verify_outputs or None}
     data.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     return validate(ProcessConfig, data, args.config or "command line")
 
@@ -280,7 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, help="images per model call")
     pr.add_argument("--forward-batch-size", type=int,
                     help="images (or tiles) per forward pass (default: --batch-size; on CPU 1 is often fastest)")
-    pr.add_argument("--concurrency", type=int, help="model actors")
+    pr.add_argument("--concurrency", metavar="N|MIN-MAX",
+                    help="model actors: N, or MIN-MAX for a pool that grows as nodes join (starts once MIN are placed)")
+    pr.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default 1)")
+    pr.add_argument("--gpus-per-actor", type=float,
+                    help="GPUs per model actor; a fraction shares a GPU (0.5: two actors per GPU). Default 0: CPU")
+    pr.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                    help="forward autocast dtype (default: bf16 on GPUs, fp32 on CPU)")
+    pr.add_argument("--overlap-io", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode/encode of one batch while another's forward runs (default: on for GPU actors)")
+    pr.add_argument("--verify-outputs", action="store_true",
+                    help="rerun: also redo inputs whose manifest row says ok but whose output object is gone")
     pr.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels than this")
     pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
     pr.add_argument("--vgg-weights", help="Gatys: local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth")
