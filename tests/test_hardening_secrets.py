@@ -39,3 +39,48 @@ def test_refusal_names_the_variable_not_the_value():
     with pytest.raises(SubmitError) as err:
         build_job("train", ["configs/tiny/denoise_ae.yaml"], ".", env_vars={"X": f"redis://:{SECRET}@cache:6379"})
     assert "--env X" in str(err.value) and SECRET not in str(err.value)
+
+
+# -- S3 credentials stay on the nodes --------------------------------------------------------------------------
+
+def _secrets_in(blob: bytes) -> list[str]:
+    import os
+
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    return [n for n in names if os.environ.get(n) and os.environ[n].encode() in blob]
+
+
+def test_s3_filesystem_pickles_without_credentials(s3_server, s3_bucket):
+    import pickle
+
+    import pyarrow.parquet as pq
+    import ray.cloudpickle
+
+    from genray import storage
+
+    fs, path = storage.pyarrow_filesystem(f"{s3_bucket}/t")
+    assert _secrets_in(pickle.dumps(fs)) == [] and _secrets_in(ray.cloudpickle.dumps(fs)) == []
+    # ...and it still works, there and once unpickled (credentials resolved where it runs).
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"a": [1, 2]}), f"{path}/x.parquet", filesystem=fs)
+    again = pickle.loads(pickle.dumps(fs))
+    assert pq.read_table(f"{path}/x.parquet", filesystem=again)["a"].to_pylist() == [1, 2]
+
+
+def test_train_run_config_ships_no_credentials_and_the_run_still_checkpoints_to_s3(ray_local, digits_uri, s3_bucket):
+    import ray.cloudpickle
+
+    from genray import storage
+    from genray.training.trainer import build_trainer
+    from helpers import tiny_train_config
+
+    cfg = tiny_train_config(digits_uri, f"{s3_bucket}/run", name="nocreds", epochs=1)
+    trainer = build_trainer(cfg)
+    # What Ray ships to the Train controller and workers: the trainer with its RunConfig (storage_filesystem).
+    assert _secrets_in(ray.cloudpickle.dumps(trainer)) == []
+    assert _secrets_in(ray.cloudpickle.dumps(trainer.run_config)) == []
+    result = trainer.fit()  # the workers resolve their own credentials and write the checkpoint to S3
+    assert result.checkpoint is not None
+    keys = {o.key for o in storage.list_objects(f"{s3_bucket}/run/checkpoints/nocreds")}
+    assert any(k.endswith("/state.pt") for k in keys), keys
