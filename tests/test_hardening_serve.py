@@ -87,7 +87,7 @@ def hard_app(serve_http, serve_family_uris, tmp_path_factory):
                             "max_queued_requests": 64}},
         "gateway": {"num_cpus": 0.05},
         "body_read_timeout_s": 2,
-        "max_pixels": 40_000,
+        "max_pixels": 200_000,
     }
     serve.run(build_app(args), name="hard", route_prefix="/hard")
     yield f"{serve_http}/hard"
@@ -184,13 +184,13 @@ def test_disconnect_disabled_header_does_not_keep_abandoned_requests_running(har
 # -- decode limits as in bulk jobs -------------------------------------------------------------------------
 
 def test_16_bit_uploads_are_bounded_and_decoded(hard_app):
-    big = Image.fromarray(np.full((220, 220), 40000, np.uint16))  # 48,400 px > max_pixels 40,000
+    big = Image.fromarray(np.full((500, 500), 40000, np.uint16))  # 250,000 px > max_pixels 200,000
     r = requests.post(f"{hard_app}/denoise", data=image_bytes(big, "PNG"), timeout=60)
-    assert r.status_code == 413 and "limit 40,000" in r.json()["detail"], r.text
+    assert r.status_code == 413 and "limit 200,000" in r.json()["detail"], r.text
     small = Image.fromarray(np.full((64, 64), 40000, np.uint16))
     r = requests.post(f"{hard_app}/denoise", data=image_bytes(small, "PNG"), timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
-    floats = Image.fromarray(np.full((250, 250), 0.5, np.float32))  # float TIFF over the pixel cap
+    floats = Image.fromarray(np.full((500, 500), 0.5, np.float32))  # float TIFF over the pixel cap
     r = requests.post(f"{hard_app}/denoise", data=image_bytes(floats, "TIFF"), timeout=60)
     assert r.status_code == 413, r.text
 
