@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -93,15 +94,28 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from genray.config import ServeFileConfig, load_config
     from genray.runtime import init_ray
+    from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, is_loopback
     from genray.serving.deploy import open_access_warning, run_serve_config
 
     # --host/--port are overrides like any other, so they are validated with the rest of the file.
     overrides = list(args.set or []) + [f"http_options.{key}={value}" for key, value in
                                         (("host", args.host), ("port", args.port)) if value is not None]
     cfg = load_config(args.config, overrides, cls=ServeFileConfig)
-    warning = open_access_warning(cfg)
-    if warning:
-        print(f"[genray] warning: {warning}", file=sys.stderr, flush=True)
+    if args.insecure:  # every application's `insecure`, so its gateway agrees to listen open too
+        overrides += [f"applications.{i}.args.insecure=true" for i in range(len(cfg.applications))]
+        cfg = load_config(args.config, overrides, cls=ServeFileConfig)
+    # A blank $GENRAY_SERVE_TOKEN / $GENRAY_SERVE_TOKEN_FILE is a mistake, not "no token": stop before Ray starts.
+    blank = [name for name in (TOKEN_ENV, TOKEN_FILE_ENV) if name in os.environ and not os.environ[name].strip()]
+    if blank:
+        print(f"genray: error: ${blank[0]} is set but blank; unset it or give the token", file=sys.stderr)
+        return 2
+    refusal = open_access_warning(cfg)
+    if refusal:
+        print(f"genray: error: {refusal}", file=sys.stderr)
+        return 2
+    if args.insecure and not is_loopback(cfg.http_options.host):
+        print(f"[genray] warning: --insecure: serving on {cfg.http_options.host} without requiring a token",
+              file=sys.stderr, flush=True)
     init_ray(args.address)
     url = run_serve_config(cfg)
     serve_until_stopped(url)
@@ -338,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="listen address (default 127.0.0.1; anything else wants a bearer token)")
     sv.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow listening beyond loopback without a bearer token (otherwise serve refuses to start)")
     sv.set_defaults(func=cmd_serve)
 
     sb = sub.add_parser("submit", help="run `genray train|process|pipeline` as a job on a Ray cluster",

@@ -373,12 +373,18 @@ class ServeAppConfig(Strict):
     max_images: int = Field(default=64, gt=0)  # cap on n for /generate and steps for /vae/.../interpolate
     # The gateway waits this long for a model's answer, then answers 504 and cancels the request.
     request_timeout_s: float = Field(default=60.0, gt=0)
+    # The whole upload must arrive within this long, else 408: a client trickling a large body cannot hold a
+    # connection and its buffer open for ever.
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
     overload_status_code: Literal[503, 429] = 503  # the answer when a bounded queue is full
     retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After header on those answers (None: none)
     # Bearer token: never in this file. The ingress reads it from $GENRAY_SERVE_TOKEN, else from the file named by
     # $GENRAY_SERVE_TOKEN_FILE, else from token_file (e.g. a mounted Kubernetes secret). No token: no check.
     token_file: str | None = None
     require_token: bool = False  # refuse to start when no token is found (set it for anything off loopback)
+    # Listening beyond loopback with no token refuses to start; true serves such a host open to anyone who can
+    # reach it (`genray serve --insecure` sets it).
+    insecure: bool = False
 
     @field_validator("models")
     @classmethod
