@@ -79,6 +79,58 @@ def train_and_measure(cfg: TrainConfig) -> dict:
             "images_per_s": steady_images_per_s(history), "num_workers_seen": memory.num_marked}
 
 
+def reference_loop(config: dict) -> None:
+    """The in-memory reference (the loop before streaming): every worker decodes the whole prefix up front into
+    the family's dataset, a DistributedSampler shards it, a DataLoader batches it. Reports images/s per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from genray.datasets import read_image_prefix
+    from genray.models import get_spec
+    from genray.models.data import build_dataset
+
+    cfg = TrainConfig.model_validate(config)
+    spec = get_spec(cfg.model.family)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    images, _ = read_image_prefix(cfg.data.uri, channels=spec.in_channels(cfg.model))
+    dataset = build_dataset(spec, images, None, cfg.model)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler)
+    state = spec.init_training(cfg.model, cfg.train.lr)
+    state.modules = {n: ray.train.torch.prepare_model(m) for n, m in state.modules.items()}
+    rates = []
+    for epoch in range(1, cfg.train.epochs + 1):
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        started, items = time.perf_counter(), 0
+        for batch in loader:
+            spec.train_step(state, batch)
+            items += len(batch)
+        rates.append(items * world / (time.perf_counter() - started))
+    ray.train.report({"rates": rates})
+
+
+def reference_images_per_s(cfg: TrainConfig, storage_dir: str) -> float:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        reference_loop, train_loop_config=cfg.model_dump_plain(),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.name}_reference", storage_path=storage_dir,
+                             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}))
+    rates = trainer.fit().metrics["rates"]
+    return statistics.median(rates[1:] or rates)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, for CI (well under a minute)")
@@ -89,14 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="run only these parts (repeatable); default: all")
     args = p.parse_args(argv)
     small = 20 if args.smoke_test else args.images
-    epochs = 2 if args.smoke_test else args.epochs
+    epochs = 1 if args.smoke_test else args.epochs
     parts = set(args.only or ("rss", "stream", "shards"))
     # A small DnCNN on 64x64 patches: compute-bound like real training, cheap enough for 2 CPU cores.
     denoiser = {"family": "photo_denoiser", "depth": 5, "width": 16, "patch": 64, "crops_per_image": 1}
     result: dict = {"images_small": small, "images_large": 10 * small, "epochs": epochs}
 
     with common.local_s3(latency_ms=0) as s3, common.local_ray(), tempfile.TemporaryDirectory() as tmp:
-        out = f"{common.BUCKET}/runs"
         if "rss" in parts:
             # [1] Worker memory: 1x vs 10x the data, local files (memory does not depend on where files are).
             figures = {}
@@ -108,6 +159,37 @@ def main(argv: list[str] | None = None) -> dict:
             result["worker_peak_rss_mb"] = {k: v["worker_peak_rss_mb"] for k, v in figures.items()}
             result["rss_ratio_10x_data"] = round(figures["10x"]["worker_peak_rss_mb"]
                                                  / max(figures["1x"]["worker_peak_rss_mb"], 1e-9), 3)
+        if "stream" in parts:
+            # [2] The same data, model and workers: genray's path streaming every epoch (nothing materialised) vs
+            # the in-memory reference. 4 crops per image and a deeper net: a compute-bound step.
+            data_uri = f"{tmp}/crops_stream"
+            write_crops(data_uri, small)
+            model = {**denoiser, "depth": 8, "width": 24, "crops_per_image": 4}
+            cfg = train_config(data_uri, tmp, "stream", epochs + 1, model, data={"materialize": "never"})
+            streamed = train_and_measure(cfg)["images_per_s"]
+            reference = reference_images_per_s(cfg, f"{tmp}/reference")
+            common.log(f"[stream] streaming {streamed:.1f} img/s, in-memory reference {reference:.1f} img/s")
+            result["stream_images_per_s"], result["memory_images_per_s"] = round(streamed, 1), round(reference, 1)
+            result["stream_vs_memory"] = round(streamed / reference, 3)
+        if "shards" in parts:
+            # [3] The same images as loose PNGs and as tar shards in S3, every request delayed like a remote store.
+            loose, sharded = f"{common.BUCKET}/loose", f"{common.BUCKET}/shards"
+            write_crops(loose, small)
+            num_shards = write_shards(sharded, small, shard_size=max(1, small // 4))
+            pattern = f"{sharded}/shard-{{000000..{num_shards - 1:06d}}}.tar"
+            light = {**denoiser, "depth": 3, "width": 8, "patch": 32}  # reading, not compute, sets the pace
+            s3.set_latency(args.latency_ms)
+            rates = {}
+            for label, uri in (("loose", loose), ("shards", pattern)):
+                cfg = train_config(uri, tmp, f"io_{label}", epochs + 1, light, data={"materialize": "never"})
+                figures = train_and_measure(cfg)
+                rates[label] = figures["images_per_s"]
+                common.log(f"[shards] {label}: {figures}")
+            s3.set_latency(0)
+            result["loose_images_per_s"], result["shards_images_per_s"] = round(rates["loose"], 1), \
+                round(rates["shards"], 1)
+            result["shards_vs_loose"] = round(rates["shards"] / rates["loose"], 3)
+            result["s3_latency_ms"] = args.latency_ms
         print(json.dumps(result), flush=True)
     return result
 

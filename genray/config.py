@@ -45,9 +45,10 @@ class DataConfig(Strict):
     shuffle_rows: int = Field(default=64, ge=1)
     shuffle_items: int = Field(default=1024, ge=1)
     files_per_read_task: int = Field(default=16, gt=0)  # loose images per Ray Data read task (archives: one each)
-    # CPUs each Ray Data read task reserves. Below 1 so reading fits beside Train workers that hold whole CPUs
-    # (0 never waits for a free CPU; on a real cluster, CPU-only nodes take the reads).
-    cpus_per_read_task: float = Field(default=0.25, ge=0)
+    # CPUs each Ray Data read task reserves. 0 (default): reads never wait for a CPU, so they run even where the
+    # Train workers hold every CPU (a read mostly waits on storage); on a cluster with CPU-only nodes for reading,
+    # set it (e.g. 1) so reads are spread by CPU there.
+    cpus_per_read_task: float = Field(default=0.0, ge=0)
 
 
 class TrainParams(Strict):

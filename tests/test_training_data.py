@@ -37,7 +37,7 @@ def tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
 
 def write_digit_shards(prefix: str, num_shards: int, per_shard: int, bad: bool = False) -> str:
     """Digits as WebDataset shards <prefix>/shard-NNNNNN.tar, labels in <key>.json (even) or <key>.cls (odd)
-    sidecars; with `bad`, shard 0 also holds an undecodable image. Returns the brace pattern naming them."""
+    sidecars; with `bad`, the first image of shard 0 is undecodable. Returns the brace pattern naming them."""
     digits, labels, _ = load_embedded("digits")
     i = 0
     for shard in range(num_shards):
@@ -46,10 +46,9 @@ def write_digit_shards(prefix: str, num_shards: int, per_shard: int, bad: bool =
             key = f"d{i:04d}"
             label = (json.dumps({"label": int(labels[i])}).encode(), ".json") if i % 2 == 0 else \
                 (str(int(labels[i])).encode(), ".cls")
-            files += [(f"{key}.png", encode_png(digits[i])), (key + label[1], label[0])]
+            image = NOT_AN_IMAGE if bad and i == 0 else encode_png(digits[i])
+            files += [(f"{key}.png", image), (key + label[1], label[0])]
             i += 1
-        if bad and shard == 0:
-            files.append(("broken.png", NOT_AN_IMAGE))
         storage.write_bytes(f"{prefix}/shard-{shard:06d}.tar", tar_bytes(files))
     return f"{prefix}/shard-{{000000..{num_shards - 1:06d}}}.tar"
 
@@ -76,8 +75,8 @@ def test_shard_rows_take_labels_from_sidecars_and_refuse_tar_slip(s3_bucket):
     rows = [r for u in units for r in unit_rows(u, 1, DataConfig(uri=pattern))]
     good = [r for r in rows if r["error"] is None]
     _, labels, _ = load_embedded("digits")
-    assert [r["label"] for r in good] == [int(x) for x in labels[:6]]  # .json and .cls sidecars both read
-    assert [r["key"] for r in rows if r["error"]] == ["shard-000000.tar#broken.png"]
+    assert [r["label"] for r in good] == [int(x) for x in labels[1:6]]  # .json and .cls sidecars both read
+    assert [r["key"] for r in rows if r["error"]] == ["shard-000000.tar#d0000.png"]
 
     # One archive as the uri; '..' is refused (an error row), the '<label>/' folder of a member gives its label.
     evil_rows = [r for u in list_units(f"{s3_bucket}/evil/one.tar", DataConfig(uri="x"))[0]
@@ -87,11 +86,11 @@ def test_shard_rows_take_labels_from_sidecars_and_refuse_tar_slip(s3_bucket):
 
     # on_error=fail: the first bad file stops the read, named.
     strict = DataConfig(uri=pattern, on_error="fail")
-    with pytest.raises(TrainingDataError, match=r"broken\.png.*on_error=fail"):
+    with pytest.raises(TrainingDataError, match=r"d0000\.png.*on_error=fail"):
         [r for u in units for r in unit_rows(u, 1, strict)]
     # The held-out reader takes the same inputs, in key order, skipping the bad file.
     images, held_labels, keys = read_images(pattern, 1, DataConfig(uri=pattern))
-    assert len(images) == 6 and held_labels == [int(x) for x in labels[:6]] and keys[0] == "shard-000000.tar#d0000.png"
+    assert len(images) == 5 and held_labels == [int(x) for x in labels[1:6]] and keys[0] == "shard-000000.tar#d0001.png"
 
 
 def test_over_max_pixels_is_a_skipped_row_naming_the_limit(s3_bucket):
@@ -123,11 +122,11 @@ def test_trains_from_a_brace_pattern_of_shards_with_sidecar_labels(ray_local, s3
     assert [r["epoch"] for r in history] == [1, 2] and all(r["world_size"] == 2 for r in history)
     # The undecodable member is skipped every epoch: counted and named, the run goes on.
     assert [r["data_errors"] for r in history] == [1, 1]
-    assert history[0]["data_error_keys"][0].startswith("shard-000000.tar#broken.png: ")
-    # 64 images over 2 workers at batch 16: 2 steps each per epoch (the bad one costs at most one short batch).
+    assert history[0]["data_error_keys"][0].startswith("shard-000000.tar#d0000.png: ")
+    # 64 files over 2 workers at batch 16: 2 steps each per epoch (the bad one costs one short batch).
     assert history[-1]["step"] == 2 * history[0]["step"] and history[0]["step"] >= 2
     assert all(r["worker_peak_rss_mb"] > 0 for r in history)
-    with pytest.raises(TrainingError, match=r"broken\.png"):
+    with pytest.raises(TrainingError, match=r"d0000\.png"):
         run_training(tiny("configs/tiny/sae_classifier.yaml", pattern, f"{s3_bucket}/strict", "name=strict",
                           "data.on_error=fail", "data.materialize=always", "train.epochs=1"))
 
@@ -143,3 +142,30 @@ def test_bf16_autocast_on_cpu_is_recorded_in_the_artefact(ray_local, digits_uri,
     assert meta["precision"] == "bf16" and meta["train"]["precision"] == "bf16"
     # The weights stay fp32: bf16 is the autocast compute type only.
     assert result.metrics["epoch"] == 2
+
+
+@pytest.mark.parametrize("family", ["photo_denoiser", "dcgan"])
+def test_fp16_steps_go_through_the_grad_scaler(family):
+    """The loop's fp16 path on CPU, without Ray: every optimizer of the family (a GAN has two) steps through one
+    GradScaler, the weights move, and torch's own backward is restored afterwards."""
+    from genray.models.data import build_dataset, fixed_batch
+    from genray.training.loop import ScaledOptimizer, autocast
+
+    spec = get_spec(family)
+    cfg = spec.config_cls.tiny()
+    side = 32 if family == "photo_denoiser" else 28
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (side, side, spec.in_channels(cfg)), dtype=np.uint8) for _ in range(4)]
+    batch = fixed_batch(build_dataset(spec, images, None, cfg), 4)
+    state = spec.init_training(cfg, 1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    state.optimizers = {name: ScaledOptimizer(opt, scaler) for name, opt in state.optimizers.items()}
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    backward = torch.Tensor.backward
+    for _ in range(2):
+        with autocast("fp16", torch.device("cpu"), scaler):
+            losses = spec.train_step(state, batch)
+        scaler.update()
+    assert torch.Tensor.backward is backward
+    assert all(np.isfinite(v) for v in losses.values()) and scaler.get_scale() > 1
+    assert any(not torch.equal(before[k], v) for k, v in state.model.state_dict().items())

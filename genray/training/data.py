@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from genray import archives, images, storage
 from genray.config import DataConfig, TrainConfig

@@ -222,7 +222,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             num_items += len(batch) if torch.is_tensor(batch) else len(batch[0])
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
-        batches.close()  # a worker stopped by another's end leaves its last rows unread
+        for _ in batches:  # stopped by another worker's end: the rows left (a short batch at most) are only counted
+            pass
         if num_steps == 0:
             raise ValueError(f"{cfg.data.uri}: no training batch reached worker {rank} of {world} in epoch "
                              f"{epoch} (fewer usable images than workers?)")
