@@ -18,7 +18,8 @@ from genray.images import encode_png
 from genray.model_artifact import read_meta
 from genray.models import get_spec
 from genray.models.data import prepare_items
-from genray.training.data import TrainingDataError, list_units, read_images, sample_seed, unit_rows
+from genray.datasets import TrainingDataError, list_units, read_images, unit_rows
+from genray.training.data import sample_seed
 from genray.training.trainer import TrainingError, run_training
 
 NOT_AN_IMAGE = b"\x89PNG\r\n\x1a\n but not really"

@@ -9,6 +9,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
+
 from genray import storage
 from genray.datasets import load_embedded
 from genray.images import encode_png
@@ -53,10 +55,11 @@ def write_shards(prefix: str, num_shards: int, per_shard: int) -> str:
     return f"{prefix}/shard-{{000000..{num_shards - 1:06d}}}.tar"
 
 
+@pytest.mark.timeout(900)  # a multi-node cluster start, a run, a node loss and a restart on 2 shared cores
 def test_training_from_shards_spreads_over_two_nodes_and_resumes_after_losing_one(ray_cluster, s3_bucket):
     pattern = write_shards(f"{s3_bucket}/shards", num_shards=4, per_shard=24)
     out = f"{s3_bucket}/train"
-    epochs = 14
+    epochs = 8
     entrypoint, runtime_env, _ = build_job("train", [
         TINY, "--output", out, "--set", "name=shards_node_loss", "--set", f"data.uri={pattern}",
         "--set", "data.held_out_uri=null", "--set", "data.limit=null",

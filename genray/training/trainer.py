@@ -16,7 +16,8 @@ from genray.model_artifact import save_artifact
 from genray.config import TrainConfig
 from genray.models import get_spec
 from genray.training import outputs
-from genray.training.data import TrainingDataError, build_dataset, fixed_rows, read_images
+from genray.datasets import TrainingDataError, read_images
+from genray.training.data import build_dataset, fixed_rows
 from genray.training.loop import CHECKPOINT_FILE, FIXED_ROWS_KEY, train_loop_per_worker
 
 
