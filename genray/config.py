@@ -5,11 +5,14 @@ Defaults live only in these classes (and in each model family's config class, be
 """
 from __future__ import annotations
 
+import operator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from genray.tasks import BULK_TASKS, EVAL_TASKS
 
 
 class ConfigError(ValueError):
@@ -185,7 +188,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[
     return validate(cls, data, str(path))
 
 
-TaskName = Literal["denoise", "superres", "style"]
+TaskName = Literal[BULK_TASKS]  # the tasks `genray process` runs (genray/tasks.py)
 
 
 class ProcessConfig(Strict):
@@ -397,25 +400,28 @@ class ServeFileConfig(Strict):
 
 # -- genray pipeline: train -> eval -> gate -> bulk jobs -> serve, one YAML ------------------------------------
 
-GATE_OPERATORS = (">=", "<=", "==", ">", "<")  # two-character operators first, so '>=' is not read as '>'
+# A gate condition's operators; two-character ones first, so '>=' is not read as '>'.
+GATE_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
 
 
-def parse_gate_condition(text: str) -> tuple[str, str, float]:
-    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', '>=', 0.5)."""
+def parse_gate_condition(text: str) -> tuple[str, Callable[[float, float], bool], float]:
+    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', operator.ge, 0.5)."""
     import re
 
-    match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
+    ops = "|".join(map(re.escape, GATE_OPERATORS))
+    match = re.fullmatch(rf"\s*([A-Za-z_][A-Za-z0-9_]*)\s*({ops})\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
     if not match:
         raise ValueError(f"{text!r}: a gate condition is '<metric> <op> <number>' with op one of "
                          f"{' '.join(GATE_OPERATORS)}, e.g. 'accuracy >= 0.95'")
-    return match[1], match[2], float(match[3])
+    return match[1], GATE_OPERATORS[match[2]], float(match[3])
 
 
 class PipelineEval(Strict):
     """What `genray eval` runs on the trained artefact before the gate (see genray/evaluation.py)."""
 
     data_uri: str  # held-out images, e.g. s3://genray-data/photos/test/
-    task: Literal["superres", "denoise", "generate", "classify", "reconstruct"] | None = None  # default: the model's
+    task: Literal[EVAL_TASKS] | None = None  # default: the model's
     sigma: float | None = Field(default=None, gt=0)  # denoise: noise sigma in 0..255 (default: the model's)
     num_samples: int | None = Field(default=None, gt=1)  # generate: samples per Fréchet distance
     reference_model_uri: str | None = None  # generate: e.g. a VAE artefact, for fid_ratio_vs_vae

@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from genray import archives, images, storage
 from genray.config import DataConfig
@@ -51,9 +50,9 @@ def _load_digits() -> tuple[list[np.ndarray], list[int], list[str]]:
     digits = load_digits()
     out, keys = [], []
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        small = Image.fromarray(np.rint(pixels * (255.0 / 16.0)).astype(np.uint8), "L")
-        big = np.asarray(small.resize((20, 20), Image.Resampling.BICUBIC))
-        out.append(np.pad(big, 4)[:, :, None])  # (28, 28, 1), black border like MNIST
+        small = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[:, :, None]  # (8, 8, 1)
+        # (28, 28, 1): the digit at 20x20 with a black border, like MNIST
+        out.append(np.pad(images.resize(small, 20, 20), ((4, 4), (4, 4), (0, 0))))
         keys.append(f"{_split(index)}/{int(label)}/{index:04d}.png")
     return out, [int(label) for label in digits.target], keys
 

@@ -2,7 +2,7 @@
 
 ImageDeployment: image -> image through the shared Predictor (denoise, superres, dense-AE reconstruction, one style).
 StylePoolDeployment: many fast style networks multiplexed over one pool of replicas (@serve.multiplexed).
-GeneratorDeployment: DCGAN / VAE samples, and the VAE's reconstruct / interpolate.
+GeneratorDeployment: DCGAN / VAE samples, and reconstruct / interpolate for families that have them (the VAE).
 ClassifierDeployment: class probabilities of the stacked-autoencoder classifier.
 Replicas answer with PNG bytes: encoding runs beside the forward pass, off the gateway's event loop.
 """
@@ -13,11 +13,10 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from ray import serve
 
 from genray.config import DeploymentOptions, ModelServeConfig, StylePoolConfig
-from genray.images import encode_png, make_grid
+from genray.images import encode_png, make_grid, resize
 
 RECENT = 100  # batch sizes kept per replica, for GET /models and the batching test
 
@@ -34,6 +33,11 @@ class _Replica:
             method.set_max_batch_size(opts.max_batch_size)
             method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """An upload resized to the fixed input of the model (its spec's image_size) and its channels."""
+        side = self.spec.image_size(self.model_cfg)
+        return resize(image, side, side, channels=self.spec.in_channels(self.model_cfg))
 
     def _load_artifact(self, cfg: dict[str, Any], *batched_methods) -> None:
         """For the families the Predictor does not cover: config, threads and batching, then the artefact."""
@@ -62,16 +66,6 @@ def _artifact_info(uri: str, meta: dict[str, Any]) -> dict[str, Any]:
 
     return {"uri": uri, "family": meta["family"], "task": get_spec(meta["family"]).task, "digest": meta["digest"],
             "metrics": meta.get("metrics", {})}
-
-
-def fit_image(image: np.ndarray, side: int, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (side, side, channels) for fixed-size models: bicubic resize, grey <-> RGB."""
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    pil = pil.convert("L" if channels == 1 else "RGB")
-    if pil.size != (side, side):
-        pil = pil.resize((side, side), Image.Resampling.BICUBIC)
-    array = np.asarray(pil, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
@@ -174,27 +168,23 @@ class GeneratorDeployment(_Replica):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def reconstruct(self, images: list[np.ndarray]) -> list[bytes]:
-        from genray.models import vae
-
-        self._require_vae()
+        self._require(self.spec.reconstruct, "reconstruct")
         self._record_batch(len(images))
-        side, channels = self.model_cfg.image_size, self.model_cfg.channels
 
         def run() -> list[bytes]:
-            fitted = [fit_image(im, side, channels) for im in images]
-            return [encode_png(y) for y in vae.reconstruct(self.model, fitted)]
+            fitted = [self._fit(im) for im in images]
+            return [encode_png(y) for y in self.spec.reconstruct(self.model, fitted, self.model_cfg)]
 
         return await asyncio.to_thread(run)
 
     async def interpolate(self, steps: int, seed: int) -> bytes:
-        from genray.models import vae
+        self._require(self.spec.interpolate, "interpolate")
+        return await asyncio.to_thread(
+            lambda: grid_png(self.spec.interpolate(self.model, steps, seed, self.model_cfg), nrow=steps))
 
-        self._require_vae()
-        return await asyncio.to_thread(lambda: grid_png(vae.interpolate(self.model, steps, seed), nrow=steps))
-
-    def _require_vae(self) -> None:
-        if self.spec.name != "vae":  # the gateway routes only VAEs here; this guards direct handle calls
-            raise ValueError(f"{self.spec.name} is not a VAE")
+    def _require(self, hook, what: str) -> None:
+        if hook is None:  # the gateway routes here only models that can; this guards direct handle calls
+            raise ValueError(f"a {self.spec.name} model cannot {what}")
 
 
 @serve.deployment(max_constructor_retry_count=3)
@@ -214,8 +204,7 @@ class ClassifierDeployment(_Replica):
 
         from genray.images import to_float
 
-        side, channels = self.model_cfg.image_size, self.model_cfg.channels
-        x = to_float(np.stack([fit_image(im, side, channels) for im in images]), self.spec.value_range)
+        x = to_float(np.stack([self._fit(im) for im in images]), self.spec.value_range)
         with torch.inference_mode():
             probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device)), dim=1).cpu().numpy()  # (B, K)
         return [{"label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]

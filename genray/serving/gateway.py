@@ -68,11 +68,15 @@ class Gateway:
         if not self.auth.allows(request.headers.get("authorization")):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def _model(self, name: str, kind: str, family: str | None = None) -> DeploymentHandle:
-        route = self.routes.get(name)
-        if route is None or route["kind"] != kind or (family and route["family"] != family):
-            served = sorted(n for n, r in self.routes.items() if r["kind"] == kind and family in (None, r["family"]))
-            what = f"{family or kind} model"
+    def _model(self, name: str, kind: str, reconstructs: bool = False) -> DeploymentHandle:
+        """The deployment serving `name` as a `kind` model (with `reconstructs`: one that can encode and decode,
+        i.e. a VAE); a 404 listing the names that would fit otherwise."""
+        def fits(route: dict | None) -> bool:
+            return route is not None and route["kind"] == kind and (route["reconstructs"] or not reconstructs)
+
+        if not fits(self.routes.get(name)):
+            served = sorted(n for n, r in self.routes.items() if fits(r))
+            what = "vae model" if reconstructs else f"{kind} model"
             raise HTTPException(404, f"no {what} {name!r}; served: {', '.join(served) or 'none'}")
         return self.models[name]
 
@@ -139,16 +143,16 @@ class Gateway:
                        seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
         """n samples of a DCGAN or VAE as a PNG grid; the same seed gives the same image (X-Seed says which)."""
         self._authorize(request)
-        handle = self._model(model, "generator")
+        handle, n = self._model(model, "generator"), self._count(n, "n", 1)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        grid = await self._answer(handle.generate.remote(self._count(n, "n", 1), seed))
+        grid = await self._answer(handle.generate.remote(n, seed))
         return _png(grid, **{"X-Seed": str(seed)})
 
     @api.post("/vae/{model}/reconstruct", responses=_PNG, openapi_extra=_IMAGE_BODY)
     async def vae_reconstruct(self, model: str, request: Request) -> Response:
         """The VAE's reconstruction decode(mu) of the upload, resized to the VAE's image size and channels."""
         self._authorize(request)
-        handle = self._model(model, "generator", family="vae")
+        handle = self._model(model, "generator", reconstructs=True)
         image = await self._read_image(request)
         return _png(await self._answer(handle.reconstruct.remote(image)))
 
@@ -157,9 +161,9 @@ class Gateway:
                               seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
         """Decodings along the line between two latents drawn with `seed`, as one row of `steps` images."""
         self._authorize(request)
-        handle = self._model(model, "generator", family="vae")
+        handle, steps = self._model(model, "generator", reconstructs=True), self._count(steps, "steps", 2)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        strip = await self._answer(handle.interpolate.remote(self._count(steps, "steps", 2), seed))
+        strip = await self._answer(handle.interpolate.remote(steps, seed))
         return _png(strip, **{"X-Seed": str(seed)})
 
     @api.post("/classify/{model}", openapi_extra=_IMAGE_BODY)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from genray.config import TrainConfig, TrainParams
 from genray.models import get_spec
 from genray.models.data import fixed_batch, prepare_items
+from genray.models.layers import unwrap
 from genray.training import outputs
 from genray.training.data import MAX_ERROR_KEYS, sample_seed, training_batches
 
@@ -131,10 +132,6 @@ def lr_factor(train: TrainParams, epoch: int) -> float:
         return 1.0
     progress = (epoch - 1) / train.epochs  # 0 at the first epoch, 1 - 1/epochs at the last
     return train.lr_min_factor + (1 - train.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module  # DDP keeps the real model in .module
 
 
 def fixed_grid_batch(spec, cfg: TrainConfig, rows: list) -> Any:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ from genray import storage
 from genray.model_artifact import save_artifact
 from genray.config import TrainConfig
 from genray.models import get_spec
+from genray.runtime import ray_error_line
 from genray.training import outputs
 from genray.datasets import TrainingDataError, read_images
 from genray.training.data import build_dataset, fixed_rows
@@ -33,14 +33,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def worker_error_line(err: BaseException) -> str:
-    """The worker's own exception line (e.g. 'ValueError: no images under s3://...') out of Ray's long report."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    ours = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)
-            and not line.startswith(("ray.", "TrainingFailedError", "WorkerGroupError", "ControllerError"))]
-    return ours[-1] if ours else (lines[0] if lines else type(err).__name__)
-
-
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     checkpoints_uri = storage.join_uri(cfg.output_uri, "checkpoints")
     try:  # fail before starting workers if the output bucket is missing or unreadable
@@ -57,7 +49,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     except (TrainingDataError, storage.StorageError) as err:
         raise TrainingError(str(err)) from None
     except Exception as err:  # a materialised read that failed in a Ray Data task (data.on_error=fail)
-        raise TrainingError(f"reading {cfg.data.uri} failed: {worker_error_line(err)}") from None
+        raise TrainingError(f"reading {cfg.data.uri} failed: {ray_error_line(err)}") from None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.model_dump_plain(), FIXED_ROWS_KEY: grid_rows},
@@ -90,7 +82,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     try:
         result = build_trainer(cfg).fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"training run {cfg.name!r} failed: {worker_error_line(err)}") from None
+        raise TrainingError(f"training run {cfg.name!r} failed: {ray_error_line(err)}") from None
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
 
