@@ -24,9 +24,34 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    uri: str  # image prefix, local path or s3://bucket/prefix
-    held_out_uri: str | None = None  # images for the final quality metrics in model.json
+    """Training data: read and decoded by Ray Data tasks, streamed to the Train workers (no worker holds it all).
+
+    uri and held_out_uri take what `genray process --input` takes: a prefix of loose images, one archive
+    (.tar/.tar.gz/.zip), a prefix holding archives, or a brace pattern of WebDataset shards
+    (s3://b/celeba/shard-{000000..000099}.tar). Labels come from a '<label>/' folder in the key, or for archive
+    members from a .cls / .json ({"label": n}) sidecar of the same sample."""
+
+    uri: str
+    held_out_uri: str | None = None  # images for the final quality metrics in model.json (read by the driver)
     limit: int | None = Field(default=None, gt=0)  # use at most this many training images
+    # A file that cannot be decoded, or declares more than max_pixels: skip it (counted, logged with its key, and
+    # recorded in metrics.jsonl as data_errors), or fail the run naming it.
+    on_error: Literal["fail", "skip"] = "skip"
+    max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap per image, checked from the header
+    # Keep the decoded dataset in Ray's object store after the first read instead of reading it every epoch:
+    # auto does so when the listed inputs total at most materialize_max_bytes.
+    materialize: Literal["auto", "always", "never"] = "auto"
+    materialize_max_bytes: int = Field(default=64 << 20, ge=0)
+    # Shuffling: the order of files/shards is new every epoch; then decoded images pass a local shuffle buffer of
+    # shuffle_rows images (memory: that many decoded images per worker), and prepared items (crops) one of
+    # shuffle_items items.
+    shuffle_rows: int = Field(default=64, ge=1)
+    shuffle_items: int = Field(default=1024, ge=1)
+    files_per_read_task: int = Field(default=16, gt=0)  # loose images per Ray Data read task (archives: one each)
+    # CPUs each Ray Data read task reserves. 0 (default): reads never wait for a CPU, so they run even where the
+    # Train workers hold every CPU (a read mostly waits on storage); on a cluster with CPU-only nodes for reading,
+    # set it (e.g. 1) so reads are spread by CPU there.
+    cpus_per_read_task: float = Field(default=0.0, ge=0)
 
 
 class TrainParams(Strict):
@@ -42,6 +67,9 @@ class TrainParams(Strict):
     num_to_keep: int = Field(default=2, gt=0)  # checkpoints kept in storage
     max_failures: int = Field(default=0, ge=-1)  # worker-group restarts from the last checkpoint (-1 = forever)
     num_samples: int = Field(default=8, gt=0)  # images in each per-epoch sample grid
+    # Autocast precision of the train steps: bf16 (CPUs and recent GPUs) or fp16 (GPUs; with a GradScaler so small
+    # gradients do not underflow). Weights and optimizer state stay fp32. Recorded in model.json.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class ScalingParams(Strict):
