@@ -82,7 +82,7 @@ def hard_app(serve_http, serve_family_uris, tmp_path_factory):
 
     slow = save_untrained_artifact(str(tmp_path_factory.mktemp("slow") / "slow"), "photo_denoiser", **SLOW)
     args = {
-        "models": {"denoise": {"uri": serve_family_uris["models"]["denoise"], "num_cpus": 0.05},
+        "models": {"denoise": {"uri": serve_family_uris["models"]["photo_denoiser"], "num_cpus": 0.05},
                    "slow": {"uri": slow, "num_cpus": 0.25, "max_batch_size": 1, "max_ongoing_requests": 1,
                             "max_queued_requests": 64}},
         "gateway": {"num_cpus": 0.05},

@@ -46,6 +46,10 @@ async def _invalid_parameters(request: Request, err: RequestValidationError) -> 
 
 def _proxy_host() -> str | None:
     """The host Serve's HTTP proxies listen on, asked of the Serve controller; None if it cannot be told."""
+    import ray
+
+    if not ray.is_initialized():  # the class used outside Serve (tests): asking would start a Ray
+        return None
     try:
         from ray.serve.context import _get_global_client
 
