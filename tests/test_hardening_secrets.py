@@ -11,6 +11,7 @@ from helpers import genray
 SECRET = "hunter2-Sup3rSecret"  # a value that must never be echoed back
 
 
+@pytest.mark.integration  # the genray CLI as a subprocess
 @pytest.mark.parametrize("item", [
     f"OPENAI_API_KEY={SECRET}", f"MY_APIKEY={SECRET}", f"GITHUB_TOKEN={SECRET}", f"MyTokenFile={SECRET}",
     f"DB_PASSWORD={SECRET}", f"AZURE_STORAGE_CONNECTION_STRING={SECRET}", f"SQL_CONN_STR={SECRET}",
@@ -34,6 +35,7 @@ def test_submit_keeps_ordinary_env(item):
     assert build_runtime_env(".", {name: value})["env_vars"] == {name: value}
 
 
+@pytest.mark.integration  # the genray CLI as a subprocess
 def test_refusal_names_the_variable_not_the_value():
     with pytest.raises(SubmitError) as err:
         build_runtime_env(".", {"X": f"redis://:{SECRET}@cache:6379"})

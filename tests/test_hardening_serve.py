@@ -50,6 +50,7 @@ def test_the_gateway_refuses_an_open_host_without_a_token_unless_insecure():
     assert open_access_error("::1", None, insecure=False) is None
 
 
+@pytest.mark.integration  # the genray CLI as a subprocess
 def test_cli_refuses_blank_token_and_open_host_before_starting_ray():
     blank = genray("serve", "configs/serve/denoise.yaml", env={TOKEN_ENV: "   "}, timeout=120)
     assert blank.returncode == 2 and f"${TOKEN_ENV} is set but blank" in blank.stderr, blank.stderr
