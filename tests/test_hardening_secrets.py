@@ -35,7 +35,6 @@ def test_submit_keeps_ordinary_env(item):
     assert build_runtime_env(".", {name: value})["env_vars"] == {name: value}
 
 
-@pytest.mark.integration  # the genray CLI as a subprocess
 def test_refusal_names_the_variable_not_the_value():
     with pytest.raises(SubmitError) as err:
         build_runtime_env(".", {"X": f"redis://:{SECRET}@cache:6379"})
