@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -67,7 +68,10 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
              "forward_batch_size": args.forward_batch_size,
              "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
              "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights,
-             "output_format": args.output_format, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes}
+             "output_format": args.output_format, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes,
+             "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor,
+             "precision": args.precision, "overlap_io": args.overlap_io,
+             "verify_outputs": args.verify_outputs or None}
     data.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     return validate(ProcessConfig, data, args.config or "command line")
 
@@ -90,15 +94,28 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from genray.config import ServeFileConfig, load_config
     from genray.runtime import init_ray
+    from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, is_loopback
     from genray.serving.deploy import open_access_warning, run_serve_config
 
     # --host/--port are overrides like any other, so they are validated with the rest of the file.
     overrides = list(args.set or []) + [f"http_options.{key}={value}" for key, value in
                                         (("host", args.host), ("port", args.port)) if value is not None]
     cfg = load_config(args.config, overrides, cls=ServeFileConfig)
-    warning = open_access_warning(cfg)
-    if warning:
-        print(f"[genray] warning: {warning}", file=sys.stderr, flush=True)
+    if args.insecure:  # every application's `insecure`, so its gateway agrees to listen open too
+        overrides += [f"applications.{i}.args.insecure=true" for i in range(len(cfg.applications))]
+        cfg = load_config(args.config, overrides, cls=ServeFileConfig)
+    # A blank $GENRAY_SERVE_TOKEN / $GENRAY_SERVE_TOKEN_FILE is a mistake, not "no token": stop before Ray starts.
+    blank = [name for name in (TOKEN_ENV, TOKEN_FILE_ENV) if name in os.environ and not os.environ[name].strip()]
+    if blank:
+        print(f"genray: error: ${blank[0]} is set but blank; unset it or give the token", file=sys.stderr)
+        return 2
+    refusal = open_access_warning(cfg)
+    if refusal:
+        print(f"genray: error: {refusal}", file=sys.stderr)
+        return 2
+    if args.insecure and not is_loopback(cfg.http_options.host):
+        print(f"[genray] warning: --insecure: serving on {cfg.http_options.host} without requiring a token",
+              file=sys.stderr, flush=True)
     init_ray(args.address)
     url = run_serve_config(cfg)
     serve_until_stopped(url)
@@ -280,7 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, help="images per model call")
     pr.add_argument("--forward-batch-size", type=int,
                     help="images (or tiles) per forward pass (default: --batch-size; on CPU 1 is often fastest)")
-    pr.add_argument("--concurrency", type=int, help="model actors")
+    pr.add_argument("--concurrency", metavar="N|MIN-MAX",
+                    help="model actors: N, or MIN-MAX for a pool that grows as nodes join (starts once MIN are placed)")
+    pr.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default 1)")
+    pr.add_argument("--gpus-per-actor", type=float,
+                    help="GPUs per model actor; a fraction shares a GPU (0.5: two actors per GPU). Default 0: CPU")
+    pr.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                    help="forward autocast dtype (default: bf16 on GPUs, fp32 on CPU)")
+    pr.add_argument("--overlap-io", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode/encode of one batch while another's forward runs (default: on for GPU actors)")
+    pr.add_argument("--verify-outputs", action="store_true",
+                    help="rerun: also redo inputs whose manifest row says ok but whose output object is gone")
     pr.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels than this")
     pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
     pr.add_argument("--vgg-weights", help="Gatys: local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth")
@@ -325,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="listen address (default 127.0.0.1; anything else wants a bearer token)")
     sv.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow listening beyond loopback without a bearer token (otherwise serve refuses to start)")
     sv.set_defaults(func=cmd_serve)
 
     sb = sub.add_parser("submit", help="run `genray train|process|pipeline` as a job on a Ray cluster",

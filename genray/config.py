@@ -209,8 +209,21 @@ class ProcessConfig(Strict):
     # Images (or tiles) per forward pass inside a model call; None: batch_size. On CPU 1 is often fastest (a small
     # batch's activations stay in cache); on a GPU larger batches are.
     forward_batch_size: int | None = Field(default=None, gt=0)
-    concurrency: int = Field(default=1, gt=0)  # model actors
+    # Model actors: N, or (MIN, MAX) from "MIN-MAX" for a pool Ray Data grows as nodes join; the job starts once MIN
+    # are placed.
+    concurrency: int | tuple[int, int] = 1
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    # GPUs per model actor; fractions share a GPU (0.5: two actors on each). 0: CPU only. Above 1, whole GPUs.
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    # The forward's autocast dtype. None: bf16 on a GPU, fp32 on CPU (where reduced precision is usually slower).
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    # Two calls per model actor so one batch's read/decode and encode/write overlap the other's forward (one forward
+    # at a time). None: on for GPU actors (the GPU otherwise waits for the CPU work), off on CPU (it competes for the
+    # same cores there; see README "GPU bulk jobs").
+    overlap_io: bool | None = None
+    # A rerun also checks that the output of every input its manifest says is done still exists (a HEAD per
+    # input, or per tar shard) and redoes those whose output is gone, e.g. removed by a lifecycle rule.
+    verify_outputs: bool = False
     max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap, checked from the header
     dry_run: bool = False
     # files: one PNG per input under the output prefix; tar: WebDataset shards <output>/shard-NNNNNN.tar
@@ -223,6 +236,39 @@ class ProcessConfig(Strict):
     vgg_weights: str | None = None  # local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth
     vgg_download: bool = True
     allow_untrained_vgg: bool = False  # smoke tests only: random VGG features make meaningless styles
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _actor_range(cls, value: Any) -> Any:
+        """3, "3", "2-4" or [2, 4] -> 3 or (2, 4)."""
+        if isinstance(value, str):
+            lo, sep, hi = value.strip().partition("-")
+            try:
+                value = (int(lo), int(hi)) if sep else int(lo)
+            except ValueError:
+                raise ValueError(f"concurrency {value!r}: give N or MIN-MAX, e.g. 4 or 2-8") from None
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"concurrency {value}: at least 1 model actor")
+        if isinstance(value, (list, tuple)) and len(value) == 2 and not 0 < value[0] <= value[1]:
+            raise ValueError(f"concurrency {value[0]}-{value[1]}: need 1 <= MIN <= MAX")
+        return value
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpu_share(cls, value: float) -> float:
+        if value > 1 and value != int(value):  # Ray shares a GPU by fractions, but hands out more than one whole
+            raise ValueError(f"gpus_per_actor {value:g}: a fraction up to 1, or a whole number of GPUs")
+        return value
+
+    @property
+    def min_actors(self) -> int:
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[0]
+
+    @property
+    def max_actors(self) -> int:
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[1]
 
     @model_validator(mode="after")
     def _model_or_style_image(self) -> "ProcessConfig":
@@ -355,12 +401,18 @@ class ServeAppConfig(Strict):
     max_images: int = Field(default=64, gt=0)  # cap on n for /generate and steps for /vae/.../interpolate
     # The gateway waits this long for a model's answer, then answers 504 and cancels the request.
     request_timeout_s: float = Field(default=60.0, gt=0)
+    # The whole upload must arrive within this long, else 408: a client trickling a large body cannot hold a
+    # connection and its buffer open for ever.
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
     overload_status_code: Literal[503, 429] = 503  # the answer when a bounded queue is full
     retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After header on those answers (None: none)
     # Bearer token: never in this file. The ingress reads it from $GENRAY_SERVE_TOKEN, else from the file named by
     # $GENRAY_SERVE_TOKEN_FILE, else from token_file (e.g. a mounted Kubernetes secret). No token: no check.
     token_file: str | None = None
     require_token: bool = False  # refuse to start when no token is found (set it for anything off loopback)
+    # Listening beyond loopback with no token refuses to start; true serves such a host open to anyone who can
+    # reach it (`genray serve --insecure` sets it).
+    insecure: bool = False
 
     @field_validator("models")
     @classmethod

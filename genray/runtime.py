@@ -11,6 +11,9 @@ LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Serve's HTTP proxy drops client headers that would switch off its timeout/disconnect handling
+    # (genray/serving/proxy_guard.py; the proxy imports it when it starts).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "genray.serving.proxy_guard:middlewares",
 }
 
 

@@ -22,7 +22,12 @@ from typing import Any, Iterator
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache"]
 # Names of variables that must never travel in runtime_env.
 SECRET_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
-SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.IGNORECASE)
+# Matched anywhere in the name, so `*_API_KEY`, `*TOKEN*`, `*PASSWORD*` and `*CONNECTION_STRING*` are all caught.
+SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_?KEY|"
+                            r"AUTH_KEY|CONNECTION_?STRING|CONN_?STR|SAS_KEY|SIGNING_KEY", re.IGNORECASE)
+# Values that carry a secret whatever the variable is called: a URL with credentials in it (postgres://user:pw@host,
+# https://<token>@host; any user-info part counts) or an AWS access key id.
+SECRET_VALUE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 ENTRYPOINTS = {"train": "jobs/train.py", "process": "jobs/process.py", "pipeline": "jobs/pipeline.py"}
 
 
@@ -107,10 +112,16 @@ def _call(what: str, fn, *args, **kwargs):
 # -- building a job ------------------------------------------------------------------------------------------------
 
 def check_no_secrets(runtime_env: dict[str, Any]) -> None:
-    for name in (runtime_env.get("env_vars") or {}):
+    """Refuse secret-looking variables: by name, or by a value that holds credentials (never echoed back)."""
+    for name, value in (runtime_env.get("env_vars") or {}).items():
         if name.upper() in SECRET_NAMES or SECRET_PATTERN.search(name):
-            raise SubmitError(f"--env {name}: credentials never go through runtime_env (Ray shows it in its "
-                              "dashboard); give them to the cluster's nodes (environment or a secret)")
+            why = ""
+        elif SECRET_VALUE_PATTERN.search(str(value)):
+            why = " (its value holds credentials: a URL with a user/password or an access key id)"
+        else:
+            continue
+        raise SubmitError(f"--env {name}: credentials never go through runtime_env{why} (Ray shows it in its "
+                          "dashboard); give them to the cluster's nodes (environment or a secret)")
 
 
 def build_runtime_env(working_dir: str, env_vars: dict[str, str] | None = None) -> dict[str, Any]:

@@ -254,3 +254,21 @@ def ray_cluster(multinode_cluster):
     for job in client.list_jobs():
         if not job.status.is_terminal():
             client.stop_job(job.submission_id)
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(s3_server):
+    """A head (0 CPUs, 0 GPUs) and one worker node declaring 1 CPU and 1 *logical* GPU (this host has none: Ray
+    schedules by the declared count, and genray's Predictor falls back to CPU without CUDA); add_node() adds more
+    of the same. Reached through the Jobs API only, like multinode_cluster. Yields a ray_local.LocalCluster."""
+    import shutil
+
+    ray_local = load_ray_local()
+    cluster_dir = tempfile.mkdtemp(prefix="grg-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        ray_local.start(cluster_dir, workers=1, head_cpus=0, worker_cpus=1, worker_gpus=1)
+        cluster = ray_local.LocalCluster(cluster_dir)
+        yield cluster
+        cluster.stop(force=True)
+    finally:
+        shutil.rmtree(cluster_dir, ignore_errors=True)

@@ -81,16 +81,57 @@ class ImageDeployment(_Replica):
         from genray.inference import Predictor
 
         self.cfg = ModelServeConfig.model_validate(cfg)
-        self._setup(self.cfg, self.__call__)
+        self._setup(self.cfg, self._batched)
         self.predictor = Predictor.from_uri(self.cfg.uri, tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
                                             batch_size=self.cfg.max_batch_size)
         self.meta = self.predictor.meta
+        self.num_abandoned = 0  # forwards stopped part-way because every request in them was cancelled
+        # A large image is many tile batches; the check between them lets a forward whose requests all timed out
+        # (the gateway's 504 cancels them) stop instead of running to the end in its thread.
+        forward = self.predictor._forward
+        self._batch_requests: list[_Request] = []
+
+        def checked_forward(batch):
+            if self._batch_requests and all(r.cancelled for r in self._batch_requests):
+                raise _Abandoned()
+            return forward(batch)
+
+        self.predictor._forward = checked_forward
+
+    async def __call__(self, image: np.ndarray) -> bytes:
+        request = _Request()
+        try:
+            return await self._batched(image, request)
+        except asyncio.CancelledError:
+            request.cancelled = True  # read by the forward thread between tile batches
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[np.ndarray]) -> list[bytes]:
+    async def _batched(self, images: list[np.ndarray], requests: list["_Request"]) -> list[bytes]:
         self._record_batch(len(images))
+        self._batch_requests = requests  # one batch at a time per replica (@serve.batch's default)
+
+        def run() -> list[bytes]:
+            try:
+                return [encode_png(y) for y in self.predictor(images)]
+            except _Abandoned:
+                self.num_abandoned += 1
+                raise RuntimeError("abandoned: every request in this batch was cancelled") from None
+
         # In a thread: the replica's event loop keeps accepting (and batching) requests during the forward pass.
-        return await asyncio.to_thread(lambda: [encode_png(y) for y in self.predictor(images)])
+        return await asyncio.to_thread(run)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "num_abandoned_forwards": self.num_abandoned}
+
+
+class _Request:
+    """One request's cancellation flag, shared with the forward thread."""
+    cancelled = False
+
+
+class _Abandoned(Exception):
+    pass
 
 
 class _LoadedStyle:
