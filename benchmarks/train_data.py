@@ -82,8 +82,22 @@ def train_and_measure(cfg: TrainConfig) -> dict:
 
 
 def reference_loop(config: dict) -> None:
+    cfg = TrainConfig.model_validate(config["cfg"])
+    rates = reference_rates(cfg)
+    if ray_rank() == 0:  # Train V2 keeps metrics only with checkpoints: the rates go to a file
+        with open(config["rates_file"], "w") as f:
+            json.dump(rates, f)
+
+
+def ray_rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
+def reference_rates(cfg: TrainConfig) -> list[float]:
     """The in-memory reference (the loop before streaming): every worker decodes the whole prefix up front into
-    the family's dataset, a DistributedSampler shards it, a DataLoader batches it. Reports images/s per epoch."""
+    the family's dataset, a DistributedSampler shards it, a DataLoader batches it. Returns images/s per epoch."""
     import ray.train
     import ray.train.torch
     import torch
@@ -93,7 +107,6 @@ def reference_loop(config: dict) -> None:
     from genray.models import get_spec
     from genray.models.data import build_dataset
 
-    cfg = TrainConfig.model_validate(config)
     spec = get_spec(cfg.model.family)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -116,20 +129,23 @@ def reference_loop(config: dict) -> None:
             spec.train_step(state, batch)
             items += len(batch)
         rates.append(items * world / (time.perf_counter() - started))
-    ray.train.report({"rates": rates})
+    return rates
 
 
 def reference_images_per_s(cfg: TrainConfig, storage_dir: str) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    rates_file = f"{storage_dir}.rates.json"
     trainer = TorchTrainer(
-        reference_loop, train_loop_config=cfg.model_dump_plain(),
+        reference_loop, train_loop_config={"cfg": cfg.model_dump_plain(), "rates_file": rates_file},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"{cfg.name}_reference", storage_path=storage_dir,
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}))
-    rates = trainer.fit().metrics["rates"]
+    trainer.fit()
+    with open(rates_file) as f:
+        rates = json.load(f)
     return statistics.median(rates[1:] or rates)
 
 
