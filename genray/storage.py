@@ -586,10 +586,8 @@ def pyarrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         parts = urlsplit(endpoint)
         kwargs["endpoint_override"] = (parts.netloc + parts.path.rstrip("/")) if parts.netloc else endpoint
         kwargs["scheme"] = parts.scheme or "https"
-    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if access and secret:
-        kwargs.update(access_key=access, secret_key=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # No access_key/secret_key here: keys given to S3FileSystem are part of its pickle, and this filesystem travels
+    # to the cluster (Ray Train's RunConfig(storage_filesystem=...)). Without them each process resolves its own
+    # credentials through the AWS default chain (AWS_* environment, profile, instance/pod role) where it runs.
     fs = pyarrow.fs.S3FileSystem(**kwargs)
     return fs, f"{bucket}/{key}" if key else bucket

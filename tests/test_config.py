@@ -29,6 +29,19 @@ def _tiny_data() -> dict:
 
 # --- every file under configs/ -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_every_family_has_a_tiny_config_that_is_its_tiny(family):
+    """configs/tiny/<family>.yaml is what the Ray Train family test and smoke runs train: its model block must be
+    the family's tiny() (one tiny model per family, not two that drift apart), but for the input size, which
+    follows the data it trains on (28x28 digits; tiny() is 16 for the synthetic battery)."""
+    path = CONFIGS / "tiny" / f"{family}.yaml"
+    assert path.exists(), f"family {family} has no tiny config {path}"
+    follows_data = {"image_size"}
+    model = load_config(path).model.model_dump(exclude=follows_data)
+    assert model == MODELS[family].config_cls.tiny().model_dump(exclude=follows_data), \
+        f"{path}: model block differs from {family}'s tiny()"
+
+
 def test_configs_dir_has_files():
     assert ALL_YAML, f"no YAML found under {CONFIGS}"
 
@@ -232,9 +245,9 @@ def test_process_config_validates_and_refuses_typos(tmp_path):
 
 def test_placement_strategy_reaches_ray_train(tmp_path):
     """scaling.placement_strategy is handed to Ray Train's ScalingConfig; a typo is refused by the config."""
-    from genray.training.trainer import build_trainer
+    from genray.training.trainer import scaling_config
 
     cfg = load_config(TINY, ["scaling.placement_strategy=SPREAD", f"output_uri={tmp_path / 'run'}"])
-    assert build_trainer(cfg).scaling_config.placement_strategy == "SPREAD"
+    assert scaling_config(cfg).placement_strategy == "SPREAD"
     with pytest.raises(ConfigError, match=r"scaling\.placement_strategy"):
         load_config(TINY, ["scaling.placement_strategy=SPREADD"])

@@ -29,6 +29,7 @@ from genray.process import read_stage
 from genray.process import manifest
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_png
+from genray.runtime import ray_error_line
 
 FLUSH_ROWS = 500  # manifest part size ...
 FLUSH_SECONDS = 30.0  # ... or age, whichever comes first: bounds what a crash can lose
@@ -457,7 +458,7 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
             manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
             manifest.compact(cfg.output_uri, summary.run_id, log)
             raise JobError(f"the job failed after {sum(progress.counts.values())} of {progress.total or '?'} images "
-                           f"(rerun the same command to resume): {_root_cause(err)}") from err
+                           f"(rerun the same command to resume): {ray_error_line(err)}") from err
     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
     summary.seconds = time.perf_counter() - started
     summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id, log)
@@ -547,14 +548,6 @@ class Progress:
             return
         bar = "#" * round(self.WIDTH * done / max(self.total, 1))
         self.log(f"[genray] [{bar:<{self.WIDTH}}] {done}/{self.total} {counts}, {(self.total - done) / rate:.0f}s left")
-
-
-def _root_cause(err: BaseException) -> str:
-    """The last line of the innermost error: Ray wraps a worker's exception in pages of traceback."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(err).__name__
 
 
 def _plain(value: Any) -> Any:
