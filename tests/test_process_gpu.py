@@ -61,8 +61,9 @@ def test_config_and_flags_for_gpu_jobs():
 def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, sr_model_uri, s3_bucket):
     """--gpus-per-actor 0.5 --concurrency 2-4 on one node with 1 logical GPU: two actors there, none on the head
     (no GPU); a second GPU node added mid-job gets the pool's other two. The manifest's node_id shows both."""
-    # Enough work that the job is still running when the added node is up (a node takes 10-60 s to join here).
-    keys = [f"img{i:03d}.png" for i in range(600)]
+    # Enough work that the job is still running when the added node and its actors are up (joining and starting
+    # actors that import torch has taken 1-3 min on this loaded 2-core host; 600 inputs were sometimes too few).
+    keys = [f"img{i:04d}.png" for i in range(1500)]
     rng = np.random.default_rng(0)
     for key in keys:
         storage.write_bytes(f"{s3_bucket}/gpu-in/{key}", encode_png(rng.integers(0, 256, (64, 64, 3), np.uint8)))
