@@ -19,10 +19,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from genray import storage
+from genray import archives, storage
 from genray.model_artifact import ArtifactError, read_meta
 from genray.process import read_stage
 from genray.process import manifest
+from genray.process.attempts import AttemptTracker
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_png
 
@@ -106,8 +107,8 @@ def plan(cfg: ProcessConfig, digest: str) -> Plan:
 
     done = manifest.read_manifest(cfg.output_uri)
     units, skipped, refused = read_stage.plan_archives([o for o in inputs.archives if not mine(o)], done,
-                                                           digest, cfg.output_uri, tar)
-    refused += [read_stage.error_row(key, None, digest, why) for key, why in inputs.missing]
+                                                           digest, cfg.output_uri, tar, cfg.retry_errors)
+    refused += [read_stage.error_row(archives.loose_key(key), None, digest, why) for key, why in inputs.missing]
     todo, taken = [], set()
     for obj in inputs.images:
         if mine(obj):
@@ -116,13 +117,17 @@ def plan(cfg: ProcessConfig, digest: str) -> Plan:
         try:
             storage.join_uri(cfg.output_uri, out_key)
         except storage.UnsafeKeyError as err:
-            refused.append(read_stage.error_row(obj.key, obj.etag, digest, str(err)))
+            refused.append(read_stage.error_row(archives.loose_key(obj.key), obj.etag, digest, str(err)))
             continue
-        prev = done.get(obj.key)
+        input_key = archives.loose_key(obj.key)  # '#' in a name is escaped: it separates archive and member
+        prev = done.get(input_key)
         if manifest.is_done(prev, obj.etag, digest, out_key, tar):
             skipped.append({**prev, "status": "skipped", "error": None, "seconds": 0.0})
+        elif not cfg.retry_errors and manifest.died_before(prev, obj.etag, digest):
+            skipped.append({**prev, "seconds": 0.0})  # stays an error row; --retry-errors redoes it
         else:
-            todo.append({"input_key": obj.key, "input_uri": obj.uri, "input_etag": obj.etag, "output_key": out_key})
+            todo.append({"input_key": input_key, "input_uri": obj.uri, "input_etag": obj.etag, "output_key": out_key,
+                         "input_size": obj.size})
     return Plan(todo, skipped, refused, units)
 
 
@@ -131,16 +136,25 @@ def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
     return out[len(base):] if out.startswith(base) else None
 
 
+WORKER_DIED = manifest.WORKER_DIED
+
+
 class ProcessImages:
     """Ray Data callable class: the model loads once per actor; each call handles one batch of input rows."""
 
-    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int):
+    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int, tracker=None):
         import torch
 
         from genray.inference import Predictor
 
-        torch.set_num_threads(num_threads)
         self.cfg = ProcessConfig.model_validate(cfg)
+        self.tracker = tracker
+        if tracker is not None:  # an actor that dies while loading the model is restarted by Ray without limit
+            starting = ray.get(tracker.actor_starting.remote())
+            if starting > self.cfg.concurrency + self.cfg.max_attempts:
+                raise JobError(f"model actors died {starting - self.cfg.concurrency} times while starting "
+                               f"(--max-attempts {self.cfg.max_attempts}): not retrying further")
+        torch.set_num_threads(num_threads)
         if self.cfg.model_uri is None:  # style job with a style image: Gatys optimisation per image
             from genray.process.gatys import GatysStylizer
 
@@ -152,8 +166,12 @@ class ProcessImages:
         if self.predictor.digest != digest:  # the artefact (or style image) was replaced after the job was planned
             raise JobError(f"{self.cfg.model_uri or self.cfg.style_image_uri}: changed while the job was starting")
         self.digest = digest
+        self.scale = self.predictor.scale  # output pixels per input pixel along each side
+        self.max_input_bytes = self.cfg.max_input_bytes or read_stage.max_member_bytes(self.cfg.max_pixels)
         self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="genray-io")
+        if tracker is not None:
+            ray.get(tracker.actor_started.remote())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
@@ -161,6 +179,28 @@ class ProcessImages:
         # Rows the read stage finished already (skipped archive members, refused entries, an archive's own row).
         passed = [read_stage.passed_through(row["result"]) for row in rows if row.get("result")]
         rows = [row for row in rows if not row.get("result")]
+        keys = [str(row["input_key"]) for row in rows]
+        if self.tracker is None or not ray.get(self.tracker.begin_batch.remote(keys)):
+            results = self._process(rows)
+            if self.tracker is not None:
+                ray.get(self.tracker.finish.remote(keys))
+        else:
+            # A worker died on this batch before: one input at a time, so only the input that kills is blamed.
+            results = []
+            for row, key in zip(rows, keys):
+                prior = ray.get(self.tracker.begin.remote(key))
+                if prior >= self.cfg.max_attempts:
+                    results.append(self._row(row, "error", f"{WORKER_DIED} ({prior} attempts, limit "
+                                                           f"--max-attempts {self.cfg.max_attempts})"))
+                else:
+                    results += self._process([row])
+                ray.get(self.tracker.finish.remote([key]))
+        per_image = (time.perf_counter() - started) / max(len(rows), 1)
+        for r in results:
+            r["seconds"] = per_image
+        return read_stage.output_table(results + passed)
+
+    def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # [1] read + decode, all of the batch's objects at once: a remote store's latency is paid once per batch,
         # not once per image. A bad file is an error row.
         decoded = list(self.io.map(self._read, rows))
@@ -169,18 +209,27 @@ class ProcessImages:
         outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])  # [2]
         # [3] encode + write under the same relative key, again concurrently (Pillow and sockets release the GIL).
         results += self.io.map(self._write, good, outputs)
-        per_image = (time.perf_counter() - started) / max(len(rows), 1)
-        for r in results:
-            r["seconds"] = per_image
-        return read_stage.output_table(results + passed)
+        return results
 
     def _read(self, row: dict[str, Any]) -> np.ndarray | str:
         try:
             data = row.get("data")  # an archive member's bytes came with the row; a loose file is read here
-            data = storage.read_bytes(row["input_uri"]) if data is None else data
-            return decode_image(data, channels=None, max_pixels=self.cfg.max_pixels)
+            if data is None:
+                size = row.get("input_size")
+                if size is not None and size > self.max_input_bytes:  # the listing's size: nothing is read
+                    return (f"input too large: {int(size):,} bytes, limit {self.max_input_bytes:,} "
+                            f"(--max-input-bytes)")
+                # Capped again while reading: the object may have grown since it was listed.
+                data = storage.read_bytes(row["input_uri"], max_bytes=self.max_input_bytes,
+                                          root=self.cfg.input_uri)
+            image = decode_image(data, channels=None, max_pixels=self.cfg.max_pixels)
         except (ImageError, storage.StorageError) as err:
             return str(err)
+        height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
+        if height * width > self.cfg.max_output_pixels:
+            return (f"output too large: {width}x{height} = {width * height:,} pixels, limit "
+                    f"{self.cfg.max_output_pixels:,} (--max-output-pixels)")
+        return image
 
     def _write(self, item: tuple[dict[str, Any], np.ndarray], out: np.ndarray | Exception) -> dict[str, Any]:
         row, image = item
@@ -191,9 +240,10 @@ class ProcessImages:
             png = encode_png(out)
             if self.cfg.output_format == "tar":  # the driver writes it into a shard
                 return {**self._row(row, "ok", None, w, h), "data": png, "sidecars": row.get("sidecars")}
-            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png)
+            root = self.cfg.output_uri  # locally: no symlink under the output prefix leads a write outside it
+            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png, root=root)
             for name, data in read_stage.decode_sidecars(row.get("sidecars")):  # key.json beside key.png
-                storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data)
+                storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data, root=root)
             return self._row(row, "ok", None, w, h)
         except storage.StorageError as err:
             return self._row(row, "error", str(err), w, h)
@@ -233,12 +283,44 @@ def actor_threads(cpus: float) -> int:
     return max(1, math.ceil(round(cpus, 6)))
 
 
+def check_apart(cfg: ProcessConfig) -> None:
+    """The output prefix must be neither the input nor inside it nor around it, after normalisation ('.', '..',
+    doubled or trailing slashes, symlinked folders): else a job writes over its inputs (a.png -> a.png) or a rerun
+    reads its own outputs as new inputs."""
+    root = read_stage.input_root(cfg.input_uri)
+    if storage.overlaps(root, cfg.output_uri):
+        raise JobError(f"output {cfg.output_uri} overlaps input {cfg.input_uri} (the same place, or one inside the "
+                       f"other, once '.', '..', doubled slashes and symbolic links are resolved): the job would "
+                       f"overwrite its inputs or read its outputs as inputs; choose an output prefix beside the input")
+
+
 def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSummary:
-    """Run the job; `udf` swaps the actor class (tests inject faults through a subclass of ProcessImages)."""
-    udf = udf or ProcessImages
+    """Run the job; `udf` swaps the actor class (tests inject faults through a subclass of ProcessImages).
+    A real run holds a lease on the output prefix (genray.process.lease): a second run at once is refused."""
     meta = check_model(cfg)
+    check_apart(cfg)
+    if cfg.dry_run:
+        return _run_process_job(cfg, log, udf, meta)
+    from genray.process.lease import Lease, LeaseError
+
+    run_id = manifest.new_run_id()
+    try:
+        lease = Lease(cfg.output_uri, run_id, cfg.lease_seconds, log).acquire()
+    except LeaseError as err:
+        raise JobError(str(err)) from None
+    except storage.StorageError as err:
+        raise JobError(f"output {err}") from None
+    try:
+        return _run_process_job(cfg, log, udf, meta, run_id)
+    finally:
+        lease.release()
+
+
+def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, Any],
+                     run_id: str | None = None) -> JobSummary:
+    udf = udf or ProcessImages
     digest = meta["digest"]
-    summary = JobSummary(run_id=manifest.new_run_id())
+    summary = JobSummary(run_id=run_id or manifest.new_run_id())
     work = plan(cfg, digest)
     todo, units = work.todo, work.units
     num_skipped = sum(r.get("num_rows") is None for r in work.skipped)  # images, not the archives' own rows
@@ -262,7 +344,8 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     for row in pending:
         summary.record(row)
     if todo or units:
-        ds = _dataset(cfg, work, digest, udf, log)
+        tracker = ray.remote(num_cpus=0)(AttemptTracker).remote()
+        ds = _dataset(cfg, work, digest, udf, log, tracker)
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
                                          cfg.shard_bytes)
         progress = Progress(None if units else len(todo), log)
@@ -299,7 +382,7 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     return summary
 
 
-def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray.data.Dataset:
+def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracker=None) -> ray.data.Dataset:
     """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
     cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
     # Start every model actor before any data flows (Ray Data otherwise starts them in the background and the
@@ -320,7 +403,7 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
         ds = ds.map_batches(read_stage.read_units, batch_size=1,
                             fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
-                                       "max_member_bytes": read_stage.max_member_bytes(cfg.max_pixels),
+                                       "max_member_bytes": read_stage.archive_limits(cfg),
                                        "rows_per_block": cfg.batch_size})
         # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB): cut them at one
         # batch instead, so one archive feeds every model actor and finished rows stream back as they are done.
@@ -332,10 +415,13 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray
     return ds.map_batches(
         udf,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
-                               "num_threads": actor_threads(cpus)},
+                               "num_threads": actor_threads(cpus), "tracker": tracker},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cpus,
+        # Ray Data restarts dead actors and retries their batches without limit; AttemptTracker bounds what one
+        # input can cost, so a batch needs at most one try per attempt of each of its inputs, plus the first.
+        max_task_retries=cfg.batch_size * cfg.max_attempts + 1,
         # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
         # loses fewer of them (the manifest's node_id column shows where each image ran).
     )
