@@ -550,8 +550,13 @@ def write_fileobj(uri: str, fileobj, if_absent: bool = False, root: str | None =
                 s3_client().upload_fileobj(fileobj, bucket, key)
         return
     if root is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(_local_path(uri))), exist_ok=True)
-        check_inside(root, os.path.dirname(os.path.abspath(_local_path(uri))))
+        parent = os.path.dirname(os.path.abspath(_local_path(uri)))
+        existing = parent
+        while not os.path.exists(existing):  # before makedirs: it would create folders wherever a symlink leads
+            existing = os.path.dirname(existing)
+        check_inside(root, existing)
+        os.makedirs(parent, exist_ok=True)
+        check_inside(root, parent)
 
     def _write(tmp: str) -> None:
         # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would make it 0600).

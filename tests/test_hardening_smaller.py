@@ -35,6 +35,8 @@ def test_local_symlinks_never_lead_reads_or_writes_outside_the_roots(ray_local, 
         d.mkdir(parents=True)
     (inputs / "a.png").write_bytes(_png(0))
     (inputs / "sub" / "b.png").write_bytes(_png(1))
+    (inputs / "sub" / "deeper").mkdir()
+    (inputs / "sub" / "deeper" / "c.png").write_bytes(_png(3))  # its folder would be created through the link
     (secret / "secret.png").write_bytes(_png(2))
     os.symlink(secret / "secret.png", inputs / "leak.png")  # a file symlink out of the input root
     os.symlink(secret, inputs / "linked")  # a folder symlink out of it
@@ -43,9 +45,10 @@ def test_local_symlinks_never_lead_reads_or_writes_outside_the_roots(ray_local, 
                "--address", ray_local.get_runtime_context().gcs_address)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["input_key"]: row for row in read_manifest_table(str(out)).to_pylist()}
-    assert set(rows) == {"a.png", "sub/b.png"}  # neither symlink out of the input was read
+    assert set(rows) == {"a.png", "sub/b.png", "sub/deeper/c.png"}  # neither symlink out of the input was read
     assert rows["a.png"]["status"] == "ok"
-    assert rows["sub/b.png"]["status"] == "error" and "through a symbolic link" in rows["sub/b.png"]["error"]
+    for key in ("sub/b.png", "sub/deeper/c.png"):
+        assert rows[key]["status"] == "error" and "through a symbolic link" in rows[key]["error"]
     assert list(elsewhere.iterdir()) == []
 
 
