@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from typing import Any
 
 from genray.config import ConfigError
+from genray.tasks import BULK_TASKS, EVAL_TASKS
 
 # Errors a user can fix; printed as one line instead of a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -37,8 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from genray.runtime import init_ray
     from genray.training.trainer import run_training
 
-    overrides = list(args.set or []) + ([f"output_uri={args.output}"] if args.output else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, train_overrides(args))
     init_ray(args.address)
     started = time.perf_counter()
     result = run_training(cfg)
@@ -51,6 +52,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(f"  final metrics:  {shown}")
     return 0
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """`genray train`'s --set overrides, with --output as one more."""
+    return list(args.set or []) + ([f"output_uri={args.output}"] if args.output else [])
 
 
 def process_config_from_args(args: argparse.Namespace) -> Any:
@@ -66,7 +72,10 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
              "max_output_pixels": args.max_output_pixels, "max_input_bytes": args.max_input_bytes,
              "max_archive_members": args.max_archive_members, "max_archive_bytes": args.max_archive_bytes,
              "max_sample_bytes": args.max_sample_bytes, "max_attempts": args.max_attempts,
-             "retry_errors": args.retry_errors or None, "lease_seconds": args.lease_seconds}
+             "retry_errors": args.retry_errors or None, "lease_seconds": args.lease_seconds,
+             "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor,
+             "precision": args.precision, "overlap_io": args.overlap_io,
+             "verify_outputs": args.verify_outputs or None}
     data.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     return validate(ProcessConfig, data, args.config or "command line")
 
@@ -89,15 +98,28 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from genray.config import ServeFileConfig, load_config
     from genray.runtime import init_ray
+    from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, is_loopback
     from genray.serving.deploy import open_access_warning, run_serve_config
 
     # --host/--port are overrides like any other, so they are validated with the rest of the file.
     overrides = list(args.set or []) + [f"http_options.{key}={value}" for key, value in
                                         (("host", args.host), ("port", args.port)) if value is not None]
     cfg = load_config(args.config, overrides, cls=ServeFileConfig)
-    warning = open_access_warning(cfg)
-    if warning:
-        print(f"[genray] warning: {warning}", file=sys.stderr, flush=True)
+    if args.insecure:  # every application's `insecure`, so its gateway agrees to listen open too
+        overrides += [f"applications.{i}.args.insecure=true" for i in range(len(cfg.applications))]
+        cfg = load_config(args.config, overrides, cls=ServeFileConfig)
+    # A blank $GENRAY_SERVE_TOKEN / $GENRAY_SERVE_TOKEN_FILE is a mistake, not "no token": stop before Ray starts.
+    blank = [name for name in (TOKEN_ENV, TOKEN_FILE_ENV) if name in os.environ and not os.environ[name].strip()]
+    if blank:
+        print(f"genray: error: ${blank[0]} is set but blank; unset it or give the token", file=sys.stderr)
+        return 2
+    refusal = open_access_warning(cfg)
+    if refusal:
+        print(f"genray: error: {refusal}", file=sys.stderr)
+        return 2
+    if args.insecure and not is_loopback(cfg.http_options.host):
+        print(f"[genray] warning: --insecure: serving on {cfg.http_options.host} without requiring a token",
+              file=sys.stderr, flush=True)
     init_ray(args.address)
     url = run_serve_config(cfg)
     serve_until_stopped(url)
@@ -141,11 +163,65 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from genray.submit import parse_env, split_address, submit
+    from genray.submit import parse_env, resolve_address, split_address, submit
 
     address, job_args = split_address(args.args)
-    return submit(args.job, job_args, address=args.address or address, working_dir=args.working_dir,
-                  env_vars=parse_env(args.env), wait=not args.no_wait, submission_id=args.submission_id)
+    address = resolve_address(args.address or address)  # no cluster to submit to: say so before anything else
+    entrypoint, runtime_env, warnings = build_job(args.job, job_args, args.working_dir, parse_env(args.env))
+    for warning in warnings:
+        print(f"[genray] warning: {warning}", file=sys.stderr)
+    return submit(args.job, entrypoint, runtime_env, address=address, wait=not args.no_wait,
+                  submission_id=args.submission_id)
+
+
+def job_arguments(verb: str, args: list[str], working_dir: str) -> tuple[list[str], list[str]]:
+    """Check `genray <verb> ARGS` here, as the local verb would (flags, config file and overrides), so a typo fails
+    before anything is submitted; returns (the arguments for jobs/<verb>.py, warnings). The config must be inside
+    the working directory (it travels with it) and is passed relative to it."""
+    from genray.config import load_config
+    from genray.submit import relative_config
+
+    ns = build_parser().parse_args([verb, *args])
+    if verb == "train":
+        cfg = load_config(ns.config, train_overrides(ns))
+        uris = {"output_uri": cfg.output_uri, "data.uri": cfg.data.uri}
+    elif verb == "pipeline":
+        from genray.pipeline.stages import load_pipeline_config
+
+        cfg, train_cfg = load_pipeline_config(ns.config, ns.set)
+        for path in [cfg.train] + ([cfg.serve.config] if cfg.serve and cfg.serve.config else []):
+            relative_config(path, working_dir)  # read by the job, from the working directory it ships
+        uris = {"run_uri": cfg.run_uri, "training output_uri": train_cfg.output_uri, "eval.data_uri":
+                cfg.eval.data_uri, **{f"bulk job {j.name} {k}": j.job.get(k) for j in cfg.bulk_jobs
+                                      for k in ("input_uri", "output_uri")}}
+    else:
+        cfg = process_config_from_args(ns)
+        uris = {"--input": cfg.input_uri, "--output": cfg.output_uri, "--model": cfg.model_uri}
+    warnings = [f"{name} {uri} is a local path: on a cluster each node has its own disk (use s3://)"
+                for name, uri in uris.items() if uri and not uri.startswith("s3://")]
+
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if ns.config is not None and arg == ns.config and (i == 0 or args[i - 1] != "--set"):
+            arg = relative_config(ns.config, working_dir)
+        elif ns.config is not None and arg == f"--config={ns.config}":
+            arg = f"--config={relative_config(ns.config, working_dir)}"
+        out.append(arg)
+    return out, warnings
+
+
+def build_job(verb: str, args: list[str], working_dir: str = ".", env_vars: dict[str, str] | None = None
+              ) -> tuple[str, dict[str, Any], list[str]]:
+    """(entrypoint, runtime_env, warnings) for `genray <verb> ARGS` run as a Ray job (genray.submit submits it)."""
+    import shlex
+    from pathlib import Path
+
+    from genray.submit import build_runtime_env, entrypoint_script
+
+    working_dir = str(Path(working_dir).resolve())
+    script = entrypoint_script(verb, working_dir)
+    job_args, warnings = job_arguments(verb, args, working_dir)
+    return shlex.join(["python", script, *job_args]), build_runtime_env(working_dir, env_vars), warnings
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -210,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("process", help="run a bulk job over an image prefix on Ray Data")
-    pr.add_argument("task", choices=("denoise", "superres", "style"))
+    pr.add_argument("task", choices=BULK_TASKS)
     pr.add_argument("--input", help="a prefix of images and/or archives (.tar, .tar.gz, .tgz, .zip), one archive, "
                     "or a brace pattern of shards: s3://b/shards/shard-{000000..000099}.tar")
     pr.add_argument("--output", help="output prefix URI")
@@ -225,7 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, help="images per model call")
     pr.add_argument("--forward-batch-size", type=int,
                     help="images (or tiles) per forward pass (default: --batch-size; on CPU 1 is often fastest)")
-    pr.add_argument("--concurrency", type=int, help="model actors")
+    pr.add_argument("--concurrency", metavar="N|MIN-MAX",
+                    help="model actors: N, or MIN-MAX for a pool that grows as nodes join (starts once MIN are placed)")
+    pr.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default 1)")
+    pr.add_argument("--gpus-per-actor", type=float,
+                    help="GPUs per model actor; a fraction shares a GPU (0.5: two actors per GPU). Default 0: CPU")
+    pr.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                    help="forward autocast dtype (default: bf16 on GPUs, fp32 on CPU)")
+    pr.add_argument("--overlap-io", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode/encode of one batch while another's forward runs (default: on for GPU actors)")
+    pr.add_argument("--verify-outputs", action="store_true",
+                    help="rerun: also redo inputs whose manifest row says ok but whose output object is gone")
     pr.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels than this")
     pr.add_argument("--max-output-pixels", type=int, help="refuse inputs whose output would exceed this (64000000)")
     pr.add_argument("--max-input-bytes", type=int,
@@ -252,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the real-vs-real floor, classify vs logistic regression, reconstruct (negative ELBO) vs PCA.")
     ev.add_argument("--model", required=True, help="model artefact URI (genray train's <output>/model)")
     ev.add_argument("--data", required=True, help="held-out image prefix URI, e.g. s3://genray-data/photos/test/")
-    ev.add_argument("--task", choices=("superres", "denoise", "generate", "classify", "reconstruct"),
+    ev.add_argument("--task", choices=EVAL_TASKS,
                     help="default: the model's own task")
     ev.add_argument("--sigma", type=float, help="denoise: Gaussian noise sigma in 0..255 (default: the model's)")
     ev.add_argument("--samples", type=int, help="generate: samples per Fréchet distance (default 500)")
@@ -282,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="listen address (default 127.0.0.1; anything else wants a bearer token)")
     sv.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow listening beyond loopback without a bearer token (otherwise serve refuses to start)")
     sv.set_defaults(func=cmd_serve)
 
     sb = sub.add_parser("submit", help="run `genray train|process|pipeline` as a job on a Ray cluster",

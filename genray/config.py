@@ -5,11 +5,14 @@ Defaults live only in these classes (and in each model family's config class, be
 """
 from __future__ import annotations
 
+import operator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from genray.tasks import BULK_TASKS, EVAL_TASKS
 
 
 class ConfigError(ValueError):
@@ -21,9 +24,34 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    uri: str  # image prefix, local path or s3://bucket/prefix
-    held_out_uri: str | None = None  # images for the final quality metrics in model.json
+    """Training data: read and decoded by Ray Data tasks, streamed to the Train workers (no worker holds it all).
+
+    uri and held_out_uri take what `genray process --input` takes: a prefix of loose images, one archive
+    (.tar/.tar.gz/.zip), a prefix holding archives, or a brace pattern of WebDataset shards
+    (s3://b/celeba/shard-{000000..000099}.tar). Labels come from a '<label>/' folder in the key, or for archive
+    members from a .cls / .json ({"label": n}) sidecar of the same sample."""
+
+    uri: str
+    held_out_uri: str | None = None  # images for the final quality metrics in model.json (read by the driver)
     limit: int | None = Field(default=None, gt=0)  # use at most this many training images
+    # A file that cannot be decoded, or declares more than max_pixels: skip it (counted, logged with its key, and
+    # recorded in metrics.jsonl as data_errors), or fail the run naming it.
+    on_error: Literal["fail", "skip"] = "skip"
+    max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap per image, checked from the header
+    # Keep the decoded dataset in Ray's object store after the first read instead of reading it every epoch:
+    # auto does so when the listed inputs total at most materialize_max_bytes.
+    materialize: Literal["auto", "always", "never"] = "auto"
+    materialize_max_bytes: int = Field(default=64 << 20, ge=0)
+    # Shuffling: the order of files/shards is new every epoch; then decoded images pass a local shuffle buffer of
+    # shuffle_rows images (memory: that many decoded images per worker), and prepared items (crops) one of
+    # shuffle_items items.
+    shuffle_rows: int = Field(default=64, ge=1)
+    shuffle_items: int = Field(default=1024, ge=1)
+    files_per_read_task: int = Field(default=16, gt=0)  # loose images per Ray Data read task (archives: one each)
+    # CPUs each Ray Data read task reserves. 0 (default): reads never wait for a CPU, so they run even where the
+    # Train workers hold every CPU (a read mostly waits on storage); on a cluster with CPU-only nodes for reading,
+    # set it (e.g. 1) so reads are spread by CPU there.
+    cpus_per_read_task: float = Field(default=0.0, ge=0)
 
 
 class TrainParams(Strict):
@@ -39,6 +67,9 @@ class TrainParams(Strict):
     num_to_keep: int = Field(default=2, gt=0)  # checkpoints kept in storage
     max_failures: int = Field(default=0, ge=-1)  # worker-group restarts from the last checkpoint (-1 = forever)
     num_samples: int = Field(default=8, gt=0)  # images in each per-epoch sample grid
+    # Autocast precision of the train steps: bf16 (CPUs and recent GPUs) or fp16 (GPUs; with a GradScaler so small
+    # gradients do not underflow). Weights and optimizer state stay fp32. Recorded in model.json.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class ScalingParams(Strict):
@@ -157,7 +188,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[
     return validate(cls, data, str(path))
 
 
-TaskName = Literal["denoise", "superres", "style"]
+TaskName = Literal[BULK_TASKS]  # the tasks `genray process` runs (genray/tasks.py)
 
 
 class ProcessConfig(Strict):
@@ -178,8 +209,21 @@ class ProcessConfig(Strict):
     # Images (or tiles) per forward pass inside a model call; None: batch_size. On CPU 1 is often fastest (a small
     # batch's activations stay in cache); on a GPU larger batches are.
     forward_batch_size: int | None = Field(default=None, gt=0)
-    concurrency: int = Field(default=1, gt=0)  # model actors
+    # Model actors: N, or (MIN, MAX) from "MIN-MAX" for a pool Ray Data grows as nodes join; the job starts once MIN
+    # are placed.
+    concurrency: int | tuple[int, int] = 1
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    # GPUs per model actor; fractions share a GPU (0.5: two actors on each). 0: CPU only. Above 1, whole GPUs.
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    # The forward's autocast dtype. None: bf16 on a GPU, fp32 on CPU (where reduced precision is usually slower).
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    # Two calls per model actor so one batch's read/decode and encode/write overlap the other's forward (one forward
+    # at a time). None: on for GPU actors (the GPU otherwise waits for the CPU work), off on CPU (it competes for the
+    # same cores there; see README "GPU bulk jobs").
+    overlap_io: bool | None = None
+    # A rerun also checks that the output of every input its manifest says is done still exists (a HEAD per
+    # input, or per tar shard) and redoes those whose output is gone, e.g. removed by a lifecycle rule.
+    verify_outputs: bool = False
     max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap, checked from the header
     # Hardening limits (README "Reliability"): past each one an input is an error row naming the flag.
     max_output_pixels: int = Field(default=64_000_000, gt=0)  # output size cap (x4 of a 64 MP input is 1 Gpx)
@@ -203,6 +247,39 @@ class ProcessConfig(Strict):
     vgg_weights: str | None = None  # local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth
     vgg_download: bool = True
     allow_untrained_vgg: bool = False  # smoke tests only: random VGG features make meaningless styles
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _actor_range(cls, value: Any) -> Any:
+        """3, "3", "2-4" or [2, 4] -> 3 or (2, 4)."""
+        if isinstance(value, str):
+            lo, sep, hi = value.strip().partition("-")
+            try:
+                value = (int(lo), int(hi)) if sep else int(lo)
+            except ValueError:
+                raise ValueError(f"concurrency {value!r}: give N or MIN-MAX, e.g. 4 or 2-8") from None
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"concurrency {value}: at least 1 model actor")
+        if isinstance(value, (list, tuple)) and len(value) == 2 and not 0 < value[0] <= value[1]:
+            raise ValueError(f"concurrency {value[0]}-{value[1]}: need 1 <= MIN <= MAX")
+        return value
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpu_share(cls, value: float) -> float:
+        if value > 1 and value != int(value):  # Ray shares a GPU by fractions, but hands out more than one whole
+            raise ValueError(f"gpus_per_actor {value:g}: a fraction up to 1, or a whole number of GPUs")
+        return value
+
+    @property
+    def min_actors(self) -> int:
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[0]
+
+    @property
+    def max_actors(self) -> int:
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[1]
 
     @model_validator(mode="after")
     def _model_or_style_image(self) -> "ProcessConfig":
@@ -335,12 +412,18 @@ class ServeAppConfig(Strict):
     max_images: int = Field(default=64, gt=0)  # cap on n for /generate and steps for /vae/.../interpolate
     # The gateway waits this long for a model's answer, then answers 504 and cancels the request.
     request_timeout_s: float = Field(default=60.0, gt=0)
+    # The whole upload must arrive within this long, else 408: a client trickling a large body cannot hold a
+    # connection and its buffer open for ever.
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
     overload_status_code: Literal[503, 429] = 503  # the answer when a bounded queue is full
     retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After header on those answers (None: none)
     # Bearer token: never in this file. The ingress reads it from $GENRAY_SERVE_TOKEN, else from the file named by
     # $GENRAY_SERVE_TOKEN_FILE, else from token_file (e.g. a mounted Kubernetes secret). No token: no check.
     token_file: str | None = None
     require_token: bool = False  # refuse to start when no token is found (set it for anything off loopback)
+    # Listening beyond loopback with no token refuses to start; true serves such a host open to anyone who can
+    # reach it (`genray serve --insecure` sets it).
+    insecure: bool = False
 
     @field_validator("models")
     @classmethod
@@ -380,25 +463,28 @@ class ServeFileConfig(Strict):
 
 # -- genray pipeline: train -> eval -> gate -> bulk jobs -> serve, one YAML ------------------------------------
 
-GATE_OPERATORS = (">=", "<=", "==", ">", "<")  # two-character operators first, so '>=' is not read as '>'
+# A gate condition's operators; two-character ones first, so '>=' is not read as '>'.
+GATE_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
 
 
-def parse_gate_condition(text: str) -> tuple[str, str, float]:
-    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', '>=', 0.5)."""
+def parse_gate_condition(text: str) -> tuple[str, Callable[[float, float], bool], float]:
+    """'psnr_gain_over_bicubic_db >= 0.5' -> ('psnr_gain_over_bicubic_db', operator.ge, 0.5)."""
     import re
 
-    match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
+    ops = "|".join(map(re.escape, GATE_OPERATORS))
+    match = re.fullmatch(rf"\s*([A-Za-z_][A-Za-z0-9_]*)\s*({ops})\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*", text)
     if not match:
         raise ValueError(f"{text!r}: a gate condition is '<metric> <op> <number>' with op one of "
                          f"{' '.join(GATE_OPERATORS)}, e.g. 'accuracy >= 0.95'")
-    return match[1], match[2], float(match[3])
+    return match[1], GATE_OPERATORS[match[2]], float(match[3])
 
 
 class PipelineEval(Strict):
     """What `genray eval` runs on the trained artefact before the gate (see genray/evaluation.py)."""
 
     data_uri: str  # held-out images, e.g. s3://genray-data/photos/test/
-    task: Literal["superres", "denoise", "generate", "classify", "reconstruct"] | None = None  # default: the model's
+    task: Literal[EVAL_TASKS] | None = None  # default: the model's
     sigma: float | None = Field(default=None, gt=0)  # denoise: noise sigma in 0..255 (default: the model's)
     num_samples: int | None = Field(default=None, gt=1)  # generate: samples per Fréchet distance
     reference_model_uri: str | None = None  # generate: e.g. a VAE artefact, for fid_ratio_vs_vae

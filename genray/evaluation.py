@@ -16,10 +16,10 @@ from PIL import Image
 
 from genray import storage
 from genray.model_artifact import ArtifactError, load_artifact
-from genray.images import center_crop
+from genray.images import center_crop, resize
 from genray.metrics import psnr, rgb_to_y, ssim
+from genray.tasks import EVAL_TASKS
 
-TASKS = ("superres", "denoise", "generate", "classify", "reconstruct")
 EVAL_MAX_SIDE = 256  # photos are centre-cropped to at most this per side: a CPU evaluates two photos in seconds
 NOISE_SEED = 1234  # fixed evaluation noise: runs and baselines see the same noisy pixels
 SAMPLE_SEED = 1  # generated samples, for the model and any reference model alike
@@ -71,13 +71,6 @@ def _fmt(value: float | None) -> str:
 
 
 # -- shared pieces --------------------------------------------------------------------------------------------
-
-def resize(image: np.ndarray, width: int, height: int, method: Image.Resampling) -> np.ndarray:
-    """uint8 HWC (C = 1 or 3) resized with PIL, the resampler users' own scripts would reach for."""
-    plane = image[:, :, 0] if image.shape[2] == 1 else image
-    out = np.asarray(Image.fromarray(plane).resize((width, height), method))
-    return out[:, :, None] if image.shape[2] == 1 else out
-
 
 def image_scores(clean: np.ndarray, result: np.ndarray, border: int = 0) -> dict[str, float]:
     """PSNR and SSIM of uint8 HWC images (data range 255) after leaving out `border` pixels at each edge; for RGB
@@ -158,20 +151,12 @@ def classical_denoisers(sigma: float) -> dict[str, Callable[[np.ndarray], np.nda
     }
 
 
-def model_noise_sigma(cfg) -> float | None:
-    """The sigma (0..255 units) a denoiser was trained for, from its config."""
-    if hasattr(cfg, "noise_sigma"):
-        return float(cfg.noise_sigma)
-    if hasattr(cfg, "noise_std"):  # denoise_ae: on [0, 1] pixels
-        return float(cfg.noise_std) * 255.0
-    return None
-
-
 def eval_denoise(loaded, images: list[np.ndarray], sigma: float | None = None, **_) -> TaskResult:
     """Fixed-seed Gaussian noise of `sigma` on centre crops; the model against the noisy input itself, non-local
     means and TV denoising, all scored against the clean crop."""
     spec, cfg, model, meta = loaded
-    sigma = sigma if sigma is not None else model_noise_sigma(cfg)
+    if sigma is None and spec.noise_sigma is not None:
+        sigma = float(spec.noise_sigma(cfg))
     if sigma is None:
         raise EvalError("--sigma is needed: the model's config does not say which noise it was trained for")
     rng = np.random.default_rng(NOISE_SEED)
@@ -283,7 +268,7 @@ def eval_reconstruct(loaded, images: list[np.ndarray], train: tuple | None = Non
 
     spec, cfg, model, _ = loaded
     metrics = family_metrics(loaded, images, None)
-    k = int(getattr(cfg, "latent_dim", 16))
+    k = spec.code_size(cfg) if spec.code_size is not None else 16
     x = _flat_pixels(images)
     if train is not None:
         pca = PCA(k).fit(_flat_pixels(train[0]))
@@ -309,22 +294,20 @@ def eval_reconstruct(loaded, images: list[np.ndarray], train: tuple | None = Non
 
 EVALUATORS = {"superres": eval_superres, "denoise": eval_denoise, "generate": eval_generate,
               "classify": eval_classify, "reconstruct": eval_reconstruct}
+assert set(EVALUATORS) == set(EVAL_TASKS), "every task the task table calls evaluated has an evaluator"
 
 
 def default_task(spec) -> str:
-    if spec.task not in TASKS:
+    if not spec.eval_tasks:
         raise EvalError(f"there is no held-out evaluation for {spec.task} models ({spec.name}) yet; "
-                            f"tasks: {', '.join(TASKS)}")
-    return spec.task
+                        f"tasks: {', '.join(EVAL_TASKS)}")
+    return spec.eval_tasks[0]
 
 
 def _check_task(spec, task: str) -> None:
-    # Reconstruction: autoencoders, and the VAE (a generator whose evaluate reports the negative ELBO).
-    needs = {"superres": spec.scale > 1, "denoise": spec.task == "denoise", "generate": spec.generate is not None,
-             "classify": spec.task == "classify", "reconstruct": spec.task == "reconstruct" or spec.name == "vae"}
-    if task not in needs:
-        raise EvalError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    if not needs[task]:
+    if task not in EVAL_TASKS:
+        raise EvalError(f"unknown task {task!r}; tasks: {', '.join(EVAL_TASKS)}")
+    if task not in spec.eval_tasks:
         raise EvalError(f"a {spec.name} model cannot be evaluated on task {task!r} (it is a {spec.task} model)")
 
 

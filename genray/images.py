@@ -203,6 +203,28 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def resize(image: np.ndarray, width: int, height: int, method: Image.Resampling = Image.Resampling.BICUBIC,
+           channels: int | None = None) -> np.ndarray:
+    """uint8 HWC (C = 1 or 3) -> uint8 (height, width, channels) with PIL, the resampler users' own scripts reach
+    for; `channels` converts grey <-> RGB on the way. The one place that knows PIL wants grey images as planes."""
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    if channels is not None and channels != image.shape[2]:
+        pil = pil.convert("L" if channels == 1 else "RGB")
+    if pil.size != (width, height):
+        pil = pil.resize((width, height), method)
+    out = np.asarray(pil, dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def resize_side(image: np.ndarray, side: int, longer: bool = False) -> np.ndarray:
+    """Bicubic resize keeping the aspect ratio, so that the shorter (or, with `longer`, the longer) side is `side`."""
+    h, w = image.shape[:2]
+    scale = side / (max(h, w) if longer else min(h, w))
+    least = 1 if longer else side  # rounding must not leave the shorter side under `side`
+    width, height = max(least, round(w * scale)), max(least, round(h * scale))
+    return image if (width, height) == (w, h) else resize(image, width, height)
+
+
 # The one place the pixel-value rule is written: uint8 at the edges, float32 inside models,
 # in [-1, 1] for models ending in tanh and [0, 1] for models ending in sigmoid.
 def center_crop(image: np.ndarray, max_side: int, multiple: int = 1) -> np.ndarray:

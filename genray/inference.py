@@ -21,6 +21,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pick_device(want_gpu: bool, log=print) -> torch.device:
+    """The device of a worker Ray granted GPUs to (or not): cuda:0 is the GPU Ray assigned (Ray sets
+    CUDA_VISIBLE_DEVICES per actor), and a node that declares GPUs but has no CUDA falls back to CPU, loudly."""
+    if not want_gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    log("[genray] this worker was given a GPU share but CUDA is not available here: running on CPU")
+    return torch.device("cpu")
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class _Plane:
     """The model's output for one image (or one channel plane of it), filled in as its tiles come back.
 
@@ -83,6 +97,7 @@ class Predictor:
         tile_overlap: int = 16,
         batch_size: int = 8,
         autocast: bool = True,
+        precision: str | None = None,
     ):
         if tile <= 2 * tile_overlap:
             raise ValueError(f"tile ({tile}) must be larger than twice the overlap ({tile_overlap})")
@@ -99,8 +114,13 @@ class Predictor:
         self.spec, self.cfg, self.model, self.meta = spec, cfg, model.to(memory_format=torch.channels_last), meta
         self.device, self.tile, self.tile_overlap, self.batch_size = device, tile, tile_overlap, batch_size
         self.channels = spec.in_channels(cfg)
-        # bf16 autocast pays off on GPUs; on CPUs it is usually slower than float32 for small convs.
-        self.autocast = autocast and device.type == "cuda"
+        # The forward's autocast dtype (None: float32). precision None: bf16 on GPUs, where it pays off; float32 on
+        # CPUs, where reduced precision is usually slower for small convs. An explicit precision is used as given.
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+        if precision is None:
+            precision = "bf16" if autocast and device.type == "cuda" else "fp32"
+        self.precision, self.autocast_dtype = precision, PRECISIONS[precision]
 
     @classmethod
     def from_uri(cls, uri: str, device: str | torch.device | None = None, **kwargs) -> "Predictor":
@@ -178,7 +198,8 @@ class Predictor:
     def _forward(self, batch_uint8: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(to_float(batch_uint8, self.spec.value_range)).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else contextlib.nullcontext())
         with ctx:
             y = self.model(x)
         return y.float().cpu().numpy()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 # Set before any Ray process starts (ENVIRONMENT.md): keep every Ray listener on 127.0.0.1, no usage stats,
@@ -10,6 +11,9 @@ LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Serve's HTTP proxy drops client headers that would switch off its timeout/disconnect handling
+    # (genray/serving/proxy_guard.py; the proxy imports it when it starts).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "genray.serving.proxy_guard:middlewares",
 }
 
 
@@ -31,6 +35,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     prepare_local_env()  # for the Ray processes started below (the driver may have imported ray already)
     return ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                     logging_level="WARNING" if quiet else "INFO")
+
+
+def ray_error_line(err: BaseException, max_chars: int = 300) -> str:
+    """The worker's own exception line (e.g. 'ValueError: no images under s3://...') out of the pages of traceback
+    Ray wraps it in: the innermost cause, its last 'SomethingError: message' line that is not one of Ray's own
+    wrappers, else its last line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ours = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)
+            and not line.startswith(("ray.", "TrainingFailedError", "WorkerGroupError", "ControllerError"))]
+    line = ours[-1] if ours else (lines[-1] if lines else type(err).__name__)
+    return line[:max_chars]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

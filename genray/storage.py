@@ -268,17 +268,29 @@ def _s3_errors(uri: str, missing_is_object: bool = False) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ objects
 
+LIST_PAGE_SIZE = 1000  # keys per listing page: S3's own page size
+
+
 def list_objects(prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> list[ObjectInfo]:
     """Every object under a folder-like prefix, recursively, sorted by key; suffixes match case-insensitively."""
+    return [obj for page in iter_object_pages(prefix_uri, suffixes) for obj in page]
+
+
+def iter_object_pages(prefix_uri: str, suffixes: tuple[str, ...] | None = None,
+                      page_size: int = LIST_PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
+    """list_objects one page at a time, in the same order (by key, as S3 lists), so a caller holds one page of a
+    prefix of any size. Local folders are walked in key order too (a folder's entries sorted with a '/' after
+    folder names), so local and S3 listings of the same tree agree."""
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-    out: list[ObjectInfo] = []
     if is_s3(prefix_uri):
         bucket, prefix = _split_s3(prefix_uri)
         # 's3://b/p' is the folder 'p/': never match the sibling 'p2/...'.
         s3_prefix = prefix + "/" if prefix else ""
         with _s3_errors(prefix_uri):
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=s3_prefix)
+            pages = s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=s3_prefix, PaginationConfig={"PageSize": min(page_size, 1000)})
             for page in pages:
+                out = []
                 for obj in page.get("Contents", []):
                     key = obj["Key"][len(s3_prefix):]
                     if not key or key.endswith("/"):  # folder markers written by some tools
@@ -289,35 +301,57 @@ def list_objects(prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> li
                         key=key, uri=f"s3://{bucket}/{obj['Key']}", size=int(obj["Size"]),
                         etag=str(obj.get("ETag", "")).strip('"'),
                     ))
-    else:
-        root = _local_path(prefix_uri)
-        if not os.path.isdir(root):
-            return []
-        real_root = os.path.realpath(root).rstrip(os.sep) + os.sep
-        # os.walk does not enter symlinked folders; a symlinked file is listed only if it stays under the root.
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in filenames:
-                if name.startswith(_TMP_PREFIX):
-                    continue
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path) and not os.path.realpath(path).startswith(real_root):
-                    continue
-                key = os.path.relpath(path, root).replace(os.sep, "/")
-                if wanted and not key.lower().endswith(wanted):
-                    continue
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:  # removed while we walked
-                    continue
-                # Plain concatenation: a local file name may legally hold a backslash; consumers that turn keys
-                # into paths go through join_uri and refuse it there.
-                out.append(ObjectInfo(
-                    key=key, uri=prefix_uri.rstrip("/") + "/" + key, size=st.st_size,
-                    etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
-                ))
-    out.sort(key=lambda o: o.key)
-    return out
+                if out:
+                    yield out
+        return
+    root = _local_path(prefix_uri)
+    if not os.path.isdir(root):
+        return
+    out = []
+    real_root = os.path.realpath(root).rstrip(os.sep) + os.sep
+    for key, path in _walk_sorted(root, ""):
+        if wanted and not key.lower().endswith(wanted):
+            continue
+        # Symlinked folders are not entered; a symlinked file is listed only if it stays under the root.
+        if os.path.islink(path) and not os.path.realpath(path).startswith(real_root):
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:  # removed while we walked
+            continue
+        # Plain concatenation: a local file name may legally hold a backslash; consumers that turn keys
+        # into paths go through join_uri and refuse it there.
+        out.append(ObjectInfo(
+            key=key, uri=prefix_uri.rstrip("/") + "/" + key, size=st.st_size,
+            etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
+        ))
+        if len(out) >= page_size:
+            yield out
+            out = []
+    if out:
+        yield out
+
+
+def _walk_sorted(folder: str, key_prefix: str) -> Iterator[tuple[str, str]]:
+    """(key, path) of every file under folder, in key order: 'a/b.jpg' < 'a/b/c.jpg' < 'a/b0.jpg'."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):  # removed while we walked
+        return
+    named = []
+    for e in entries:
+        if e.name.startswith(_TMP_PREFIX):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            named.append((e.name + "/", e))
+        elif not e.is_dir():  # a symlink to a folder is not followed (as os.walk does not)
+            named.append((e.name, e))
+    entries = named
+    for name, entry in sorted(entries, key=lambda item: item[0]):
+        if name.endswith("/"):
+            yield from _walk_sorted(entry.path, key_prefix + name)
+        else:
+            yield key_prefix + name, entry.path
 
 
 class TooLargeError(StorageError):
@@ -685,10 +719,8 @@ def pyarrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         parts = urlsplit(endpoint)
         kwargs["endpoint_override"] = (parts.netloc + parts.path.rstrip("/")) if parts.netloc else endpoint
         kwargs["scheme"] = parts.scheme or "https"
-    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if access and secret:
-        kwargs.update(access_key=access, secret_key=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # No access_key/secret_key here: keys given to S3FileSystem are part of its pickle, and this filesystem travels
+    # to the cluster (Ray Train's RunConfig(storage_filesystem=...)). Without them each process resolves its own
+    # credentials through the AWS default chain (AWS_* environment, profile, instance/pod role) where it runs.
     fs = pyarrow.fs.S3FileSystem(**kwargs)
     return fs, f"{bucket}/{key}" if key else bucket

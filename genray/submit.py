@@ -1,4 +1,5 @@
-"""`genray submit` and `genray jobs`: genray's train and process verbs as Ray jobs, through the Ray Jobs SDK.
+"""`genray submit` and `genray jobs`: genray's train, process and pipeline verbs as Ray jobs, through the Ray Jobs SDK.
+(genray/cli.py turns the verb's arguments into a checked job; this module ships it and follows it.)
 
 A submitted job ships the working directory (code and configs) in its runtime_env and runs `python jobs/<verb>.py`
 with the same arguments as the local verb. Credentials never go into runtime_env, which Ray shows in its dashboard:
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import os
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,7 +22,12 @@ from typing import Any, Iterator
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache"]
 # Names of variables that must never travel in runtime_env.
 SECRET_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
-SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.IGNORECASE)
+# Matched anywhere in the name, so `*_API_KEY`, `*TOKEN*`, `*PASSWORD*` and `*CONNECTION_STRING*` are all caught.
+SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_?KEY|"
+                            r"AUTH_KEY|CONNECTION_?STRING|CONN_?STR|SAS_KEY|SIGNING_KEY", re.IGNORECASE)
+# Values that carry a secret whatever the variable is called: a URL with credentials in it (postgres://user:pw@host,
+# https://<token>@host; any user-info part counts) or an AWS access key id.
+SECRET_VALUE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 ENTRYPOINTS = {"train": "jobs/train.py", "process": "jobs/process.py", "pipeline": "jobs/pipeline.py"}
 
 
@@ -107,10 +112,16 @@ def _call(what: str, fn, *args, **kwargs):
 # -- building a job ------------------------------------------------------------------------------------------------
 
 def check_no_secrets(runtime_env: dict[str, Any]) -> None:
-    for name in (runtime_env.get("env_vars") or {}):
+    """Refuse secret-looking variables: by name, or by a value that holds credentials (never echoed back)."""
+    for name, value in (runtime_env.get("env_vars") or {}).items():
         if name.upper() in SECRET_NAMES or SECRET_PATTERN.search(name):
-            raise SubmitError(f"--env {name}: credentials never go through runtime_env (Ray shows it in its "
-                              "dashboard); give them to the cluster's nodes (environment or a secret)")
+            why = ""
+        elif SECRET_VALUE_PATTERN.search(str(value)):
+            why = " (its value holds credentials: a URL with a user/password or an access key id)"
+        else:
+            continue
+        raise SubmitError(f"--env {name}: credentials never go through runtime_env{why} (Ray shows it in its "
+                          "dashboard); give them to the cluster's nodes (environment or a secret)")
 
 
 def build_runtime_env(working_dir: str, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
@@ -148,44 +159,16 @@ def split_address(args: list[str]) -> tuple[str | None, list[str]]:
     return address, rest
 
 
-def job_arguments(verb: str, args: list[str], working_dir: str) -> tuple[list[str], list[str]]:
-    """Check `genray <verb> ARGS` here (flags, config file and overrides), so a typo fails before anything is
-    submitted; returns (the arguments for jobs/<verb>.py, warnings). The config must be inside the working directory
-    (it travels with it) and is passed relative to it."""
-    from genray.cli import build_parser, process_config_from_args
-    from genray.config import load_config
-
-    ns = build_parser().parse_args([verb, *args])
-    if verb == "train":
-        overrides = list(ns.set or []) + ([f"output_uri={ns.output}"] if ns.output else [])
-        cfg = load_config(ns.config, overrides)
-        uris = {"output_uri": cfg.output_uri, "data.uri": cfg.data.uri}
-    elif verb == "pipeline":
-        from genray.pipeline.stages import load_pipeline_config
-
-        cfg, train_cfg = load_pipeline_config(ns.config, ns.set)
-        for path in [cfg.train] + ([cfg.serve.config] if cfg.serve and cfg.serve.config else []):  # read by the job, from what it ships
-            _relative_config(path, working_dir)
-        uris = {"run_uri": cfg.run_uri, "training output_uri": train_cfg.output_uri, "eval.data_uri":
-                cfg.eval.data_uri, **{f"bulk job {j.name} {k}": j.job.get(k) for j in cfg.bulk_jobs
-                                      for k in ("input_uri", "output_uri")}}
-    else:
-        cfg = process_config_from_args(ns)
-        uris = {"--input": cfg.input_uri, "--output": cfg.output_uri, "--model": cfg.model_uri}
-    warnings = [f"{name} {uri} is a local path: on a cluster each node has its own disk (use s3://)"
-                for name, uri in uris.items() if uri and not uri.startswith("s3://")]
-
-    out: list[str] = []
-    for i, arg in enumerate(args):
-        if ns.config is not None and arg == ns.config and (i == 0 or args[i - 1] != "--set"):
-            arg = _relative_config(ns.config, working_dir)
-        elif ns.config is not None and arg == f"--config={ns.config}":
-            arg = f"--config={_relative_config(ns.config, working_dir)}"
-        out.append(arg)
-    return out, warnings
+def entrypoint_script(verb: str, working_dir: str) -> str:
+    """jobs/<verb>.py, which must be in the working directory the job ships."""
+    script = ENTRYPOINTS[verb]
+    if not (Path(working_dir) / script).is_file():
+        raise SubmitError(f"{working_dir} has no {script}: run from the genray checkout or pass --working-dir")
+    return script
 
 
-def _relative_config(config: str, working_dir: str) -> str:
+def relative_config(config: str, working_dir: str) -> str:
+    """A config file's path inside the working directory (it travels with it), as the job will see it."""
     path, base = Path(config).resolve(), Path(working_dir).resolve()
     if not path.is_relative_to(base):
         raise SubmitError(f"{config}: the config must be inside the working directory {base}, which is what the "
@@ -193,29 +176,15 @@ def _relative_config(config: str, working_dir: str) -> str:
     return path.relative_to(base).as_posix()
 
 
-def build_job(verb: str, args: list[str], working_dir: str = ".", env_vars: dict[str, str] | None = None
-              ) -> tuple[str, dict[str, Any], list[str]]:
-    """(entrypoint, runtime_env, warnings) for `genray <verb> ARGS` run as a Ray job."""
-    working_dir = str(Path(working_dir).resolve())
-    script = ENTRYPOINTS[verb]
-    if not (Path(working_dir) / script).is_file():
-        raise SubmitError(f"{working_dir} has no {script}: run from the genray checkout or pass --working-dir")
-    job_args, warnings = job_arguments(verb, args, working_dir)
-    return shlex.join(["python", script, *job_args]), build_runtime_env(working_dir, env_vars), warnings
-
-
 # -- running it ----------------------------------------------------------------------------------------------------
 
-def submit(verb: str, args: list[str], address: str | None = None, working_dir: str = ".",
-           env_vars: dict[str, str] | None = None, wait: bool = True, submission_id: str | None = None,
-           entrypoint_num_cpus: float | None = None, out=None) -> int:
-    """Submit the job; with `wait`, stream its logs and return its exit status (0 when it SUCCEEDED).
-    `out` (default: sys.stdout at call time) gets the logs and genray's own lines."""
+def submit(verb: str, entrypoint: str, runtime_env: dict[str, Any], address: str | None = None,
+           wait: bool = True, submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
+           out=None) -> int:
+    """Submit a job built by genray.cli.build_job; with `wait`, stream its logs and return its exit status (0 when
+    it SUCCEEDED). `out` (default: sys.stdout at call time) gets the logs and genray's own lines."""
     out = out or sys.stdout
     address = resolve_address(address)
-    entrypoint, runtime_env, warnings = build_job(verb, args, working_dir, env_vars)
-    for warning in warnings:
-        print(f"[genray] warning: {warning}", file=sys.stderr)
     client = connect(address)
     job_id = _call("submitting the job", client.submit_job, entrypoint=entrypoint, runtime_env=runtime_env,
                    submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,

@@ -32,13 +32,17 @@ from genray.s3server import LocalS3Server  # noqa: E402
 from helpers import load_ray_local, save_untrained_artifact, tiny_train_config  # noqa: E402
 
 
+# Tests that use any of these need a Ray instance (a local one, Serve, or the multi-node cluster): they are the
+# `integration` tier. `make test-fast` runs the rest (no Ray, no Serve, no CLI subprocess) for the edit loop;
+# modules that drive the CLI as a subprocess mark themselves with `pytestmark = pytest.mark.integration`.
+RAY_FIXTURES = {"ray_session", "ray_local", "serve_http", "serve_app", "serve_families", "tiny_model",
+                "multinode_cluster", "ray_cluster"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("GENRAY_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow test; set GENRAY_SLOW=1 to run")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -179,19 +183,18 @@ def style_model_uri(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def serve_family_uris(s3_server, tmp_path_factory) -> dict[str, dict[str, str]]:
-    """{"models": endpoint name -> artefact, "styles": style name -> artefact}: untrained tiny artefacts of every
-    family the Serve app routes. Image models and styles in S3, the rest on local disk (both kinds of URI load);
-    styles differ by seed, so each one's output differs."""
+    """{"models": family -> artefact, "styles": style name -> artefact}: an untrained tiny artefact of every
+    registered family (`serve_families` serves it as tiny-<family>: a new family gets routes and tests by registering), and
+    three style networks for the multiplexed pool, differing by seed. Image models and styles in S3, the rest on
+    local disk (both kinds of URI load)."""
+    from genray.models import MODELS
+    from genray.tasks import TASKS
+
     storage.ensure_bucket("s3://genray-test-models")
     s3, local = "s3://genray-test-models/serve-families", tmp_path_factory.mktemp("serve-families")
-    models = {
-        "denoise": save_untrained_artifact(f"{s3}/photo_denoiser", "photo_denoiser"),
-        "superres": save_untrained_artifact(f"{s3}/srgan", "srgan"),
-        "digits-ae": save_untrained_artifact(f"{s3}/dense_ae", "dense_ae"),
-        "digits-gan": save_untrained_artifact(str(local / "dcgan"), "dcgan"),
-        "digits-vae": save_untrained_artifact(str(local / "vae"), "vae"),
-        "digits-classifier": save_untrained_artifact(str(local / "sae_classifier"), "sae_classifier"),
-    }
+    models = {family: save_untrained_artifact(f"{s3}/{family}" if TASKS[spec.task].route == "image"
+                                              else str(local / family), family)
+              for family, spec in MODELS.items()}
     styles = {name: save_untrained_artifact(f"{s3}/style-{name}", "style_net", seed=seed)
               for seed, name in enumerate(("a", "b", "c"))}
     return {"models": models, "styles": styles}
@@ -207,7 +210,7 @@ def serve_families(serve_http, serve_family_uris):
 
     small = {"num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.05}
     args = {
-        "models": {name: {"uri": uri, **small} for name, uri in serve_family_uris["models"].items()},
+        "models": {f"tiny-{family}": {"uri": uri, **small} for family, uri in serve_family_uris["models"].items()},
         "styles": {"uris": serve_family_uris["styles"], "max_styles_per_replica": 2, **small},
         "gateway": {"num_cpus": 0.05},
         "max_body_bytes": 2_000_000,
@@ -251,3 +254,21 @@ def ray_cluster(multinode_cluster):
     for job in client.list_jobs():
         if not job.status.is_terminal():
             client.stop_job(job.submission_id)
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(s3_server):
+    """A head (0 CPUs, 0 GPUs) and one worker node declaring 1 CPU and 1 *logical* GPU (this host has none: Ray
+    schedules by the declared count, and genray's Predictor falls back to CPU without CUDA); add_node() adds more
+    of the same. Reached through the Jobs API only, like multinode_cluster. Yields a ray_local.LocalCluster."""
+    import shutil
+
+    ray_local = load_ray_local()
+    cluster_dir = tempfile.mkdtemp(prefix="grg-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        ray_local.start(cluster_dir, workers=1, head_cpus=0, worker_cpus=1, worker_gpus=1)
+        cluster = ray_local.LocalCluster(cluster_dir)
+        yield cluster
+        cluster.stop(force=True)
+    finally:
+        shutil.rmtree(cluster_dir, ignore_errors=True)

@@ -19,10 +19,15 @@ from genray.runtime import free_port  # noqa: F401  (re-exported: tests import i
 GENRAY = str(Path(sys.executable).with_name("genray"))
 
 
-def genray(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The installed `genray` command run as a subprocess, output captured."""
-    return subprocess.run([GENRAY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+REPO = str(Path(__file__).resolve().parent.parent)
+
+
+def genray(*args: str, env: dict | None = None, drop: tuple[str, ...] = (), timeout: float = 300
+           ) -> subprocess.CompletedProcess:
+    """The installed `genray` command run as a subprocess from the repository root, output captured; `env` adds
+    to this process's environment, `drop` removes variables from it."""
+    full = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop}
+    return subprocess.run([GENRAY, *args], capture_output=True, text=True, timeout=timeout, env=full, cwd=REPO)
 
 
 def read_manifest_table(output_uri: str):

@@ -174,6 +174,7 @@ def test_freeze_encoder_really_freezes(freeze):
     _run_epochs(state, batches, [1])  # pretraining: the autoencoder moves, the head does not
     assert all(torch.equal(head_0[k], v) for k, v in model.head.state_dict().items())
     assert not all(torch.equal(encoder_0[k], v) for k, v in model.encoder.state_dict().items())
+    assert not all(torch.equal(decoder_0[k], v) for k, v in model.decoder.state_dict().items())
     encoder_1, decoder_1 = snapshot(model.encoder), snapshot(model.decoder)
     _run_epochs(state, batches, [2, 3])  # classification
     assert not all(torch.equal(head_0[k], v) for k, v in model.head.state_dict().items())

@@ -17,6 +17,8 @@ from genray.images import decode_image, encode_png
 
 from helpers import GENRAY, free_port, genray, read_manifest_table
 
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
+
 VERBS = [[], ["data"], ["data", "export"], ["train"], ["eval"], ["process"], ["serve"], ["demo"]]
 
 

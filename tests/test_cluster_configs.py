@@ -238,7 +238,7 @@ def gpu_groups(spec: dict) -> list[str]:
 
 
 def ray_job_rules(spec: dict) -> list[str]:
-    from genray.submit import job_arguments
+    from genray.cli import job_arguments
 
     errors = []
     if ("rayClusterSpec" in spec) == ("clusterSelector" in spec):

@@ -4,6 +4,8 @@ is added back; a bulk job loses a node mid-job and still ends with every input e
 (the Jobs SDK and the `ray job submit` CLI), so the drivers live on the cluster's head, not in this process."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -17,9 +19,12 @@ import numpy as np
 
 from genray import storage
 from genray.images import encode_png
-from genray.submit import build_job, wait_until_done
+from genray.cli import build_job
+from genray.submit import wait_until_done
 
 from helpers import read_manifest_table
+
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
 REPO = str(Path(__file__).resolve().parent.parent)
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -29,6 +29,19 @@ def _tiny_data() -> dict:
 
 # --- every file under configs/ -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_every_family_has_a_tiny_config_that_is_its_tiny(family):
+    """configs/tiny/<family>.yaml is what the Ray Train family test and smoke runs train: its model block must be
+    the family's tiny() (one tiny model per family, not two that drift apart), but for the input size, which
+    follows the data it trains on (28x28 digits; tiny() is 16 for the synthetic battery)."""
+    path = CONFIGS / "tiny" / f"{family}.yaml"
+    assert path.exists(), f"family {family} has no tiny config {path}"
+    follows_data = {"image_size"}
+    model = load_config(path).model.model_dump(exclude=follows_data)
+    assert model == MODELS[family].config_cls.tiny().model_dump(exclude=follows_data), \
+        f"{path}: model block differs from {family}'s tiny()"
+
+
 def test_configs_dir_has_files():
     assert ALL_YAML, f"no YAML found under {CONFIGS}"
 

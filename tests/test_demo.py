@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.dataset as pds
+import pytest
 
-GENRAY = str(Path(sys.executable).with_name("genray"))
+from helpers import GENRAY
+
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
+
 
 
 def test_demo_runs_the_whole_flow(tmp_path):

@@ -60,6 +60,7 @@ def eval_models(s3_server):
         ("sae_classifier", {"image_size": 28}), ("style_net", {}))}
 
 
+@pytest.mark.integration  # the genray CLI as a subprocess
 def test_eval_superres_through_the_cli(eval_models, photos_uri, s3_bucket):
     r = genray("eval", "--model", eval_models["srgan"], "--data", f"{photos_uri}/test/", "--output", f"{s3_bucket}/ev")
     assert r.returncode == 0, r.stderr
@@ -98,6 +99,7 @@ def test_eval_denoise_against_classical_denoisers(eval_models, photos_uri):
     assert louder.rows["noisy input"]["psnr_db"] < ev.rows["noisy input"]["psnr_db"] - 4
 
 
+@pytest.mark.integration  # the genray CLI as a subprocess
 def test_eval_generate_with_floor_and_reference_vae(eval_models, digits_uri):
     r = genray("eval", "--model", eval_models["dcgan"], "--data", f"{digits_uri}/test/", "--samples", "64",
                "--reference-model", eval_models["vae"], "--json")
@@ -126,6 +128,7 @@ def test_eval_vae_reconstruct_reports_negative_elbo(eval_models, digits_uri):
     assert "psnr_recon_pca_db" in ev.metrics and any(row.startswith("PCA (") for row in ev.rows)
 
 
+@pytest.mark.integration  # the genray CLI as a subprocess
 @pytest.mark.parametrize("case, message", [
     ("empty prefix", "no images"),
     ("wrong task", "cannot be evaluated on task 'classify'"),

@@ -17,6 +17,8 @@ from genray.config import load_config
 
 from helpers import free_port, read_manifest_table
 
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
+
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 

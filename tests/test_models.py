@@ -13,13 +13,13 @@ from skimage.metrics import peak_signal_noise_ratio
 from genray import metrics
 from genray.models import MODELS, get_spec, register_model
 from genray.models.data import build_dataset, fixed_batch
+from genray.tasks import TASKS
 
 FAMILIES = sorted(MODELS)
-IMAGE_TASKS = ("denoise", "superres", "style", "reconstruct")  # forward takes an image batch (B, C, H, W)
 
 
-def _side(spec) -> int:
-    """A small input side that is a multiple of the family's size multiple."""
+def _side(spec, cfg) -> int:
+    """A small input side (16 for the tiny configs' fixed-size families) that is a multiple of the size multiple."""
     m = spec.size_multiple
     return m * max(1, -(-16 // m))
 
@@ -27,7 +27,7 @@ def _side(spec) -> int:
 def _uint8_batch(spec, cfg, n: int = 8) -> np.ndarray:
     """n fixed images, uint8 (n, S, S, C): bright rectangles of random size and grey level on a dark background."""
     rng = np.random.default_rng(0)
-    side = _side(spec)
+    side = _side(spec, cfg)
     images = np.full((n, side, side, spec.in_channels(cfg)), 10, np.uint8)
     for image in images:
         for _ in range(2):
@@ -59,11 +59,25 @@ def _train(spec, cfg, batch: torch.Tensor, steps: int, seed: int, lr: float = 5e
 
 
 def _require_image_forward(spec):
-    if spec.task not in IMAGE_TASKS:
+    if not TASKS[spec.task].image_to_image:
         pytest.skip(f"{spec.name}: task {spec.task!r} does not map images to images")
 
 
 # --- the battery ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_spec_answers_what_its_task_needs(name):
+    """What eval and Serve ask of a family comes from its spec: a generator generates, fixed-size models say their
+    size, denoisers their training noise, reconstruct/interpolate come together."""
+    spec = MODELS[name]
+    cfg = spec.config_cls.tiny()
+    route = TASKS[spec.task].route
+    assert (route == "generator") <= (spec.generate is not None)
+    assert (route in ("generator", "classifier")) <= (spec.image_size is not None)
+    assert (spec.task == "denoise") <= (spec.noise_sigma is not None and spec.noise_sigma(cfg) > 0)
+    assert (spec.reconstruct is None) == (spec.interpolate is None)
+    assert spec.task in spec.eval_tasks or not TASKS[spec.task].evaluated
+
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_spec_is_consistent(name):
@@ -85,7 +99,7 @@ def test_forward_shapes(name):
     cfg = spec.config_cls.tiny()
     model = spec.build(cfg).eval()
     c, m, s = spec.in_channels(cfg), spec.size_multiple, spec.scale
-    for h, w in [(_side(spec), _side(spec)), (2 * m, 3 * m * 2)]:
+    for h, w in [(_side(spec, cfg), _side(spec, cfg)), (2 * m, 3 * m * 2)]:
         x = torch.rand(2, c, h, w) if spec.value_range == "sigmoid" else torch.rand(2, c, h, w) * 2 - 1
         with torch.no_grad():
             y = model(x)
@@ -123,20 +137,26 @@ def test_loss_goes_down_on_one_batch(name):
     assert last < 0.9 * first, f"loss {first:.4f} -> {last:.4f}"
 
 
+def _probe(spec, cfg, model) -> torch.Tensor:
+    """What a model computes, to compare two copies: a generator's samples from a fixed seed; for the rest, the
+    forward on fixed images (an image batch, or a classifier's logits)."""
+    if spec.generate is not None:
+        return torch.from_numpy(spec.generate(model, 3, 0, cfg))
+    return model(_images(_float_batch(spec, cfg, n=3)))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_state_dict_round_trip(name):
     spec = MODELS[name]
-    _require_image_forward(spec)
     cfg = spec.config_cls.tiny()
     state, _ = _train(spec, cfg, _float_batch(spec, cfg), steps=2, seed=0)
     trained = state.model.eval()
     torch.manual_seed(123)  # a different init, so the copy only matches if the state_dict loaded
     fresh = spec.build(cfg).eval()
-    x = _images(_float_batch(spec, cfg, n=3))
     with torch.no_grad():
-        assert not torch.equal(fresh(x), trained(x))
+        assert not torch.equal(_probe(spec, cfg, fresh), _probe(spec, cfg, trained))
         fresh.load_state_dict(trained.state_dict())
-        torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+        torch.testing.assert_close(_probe(spec, cfg, fresh), _probe(spec, cfg, trained), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -20,6 +20,8 @@ from genray.pipeline.stages import GateFailed, PipelineConfig, check_gate, load_
 
 from helpers import free_port, GENRAY
 
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
+
 CONFIG = "configs/pipeline/tiny_denoise.yaml"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -214,10 +213,8 @@ def test_huge_header_names_its_size_and_the_limit_without_decoding(monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     header = _png_header(100_000, 100_000)
-    started = time.perf_counter()
-    with pytest.raises(ImageTooLargeError) as info:
+    with pytest.raises(ImageTooLargeError) as info:  # no_decoding above proves no pixel was decoded
         decode_image(header, max_pixels=1_000_000)
-    assert time.perf_counter() - started < 1.0
     assert "100000x100000" in str(info.value) and "limit 1,000,000" in str(info.value)
     assert (info.value.width, info.value.height, info.value.max_pixels) == (100_000, 100_000, 1_000_000)
     assert images.read_image_size(header) == (100_000, 100_000)

@@ -29,7 +29,7 @@ def test_replicas_follow_the_load(serve_app, serve_family_uris):
     # Short delays and windows so the test takes seconds; production values are in configs/serve/*.yaml.
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}
-    base = serve_app({"models": {"denoise": {"uri": serve_family_uris["models"]["denoise"], "num_cpus": 0.25,
+    base = serve_app({"models": {"denoise": {"uri": serve_family_uris["models"]["photo_denoiser"], "num_cpus": 0.25,
                                              "max_batch_size": 2, "autoscaling": scaling}}})
     assert running_replicas("model-denoise") == 1
     upload = encode_png(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))

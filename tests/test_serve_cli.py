@@ -13,15 +13,17 @@ import pytest
 import requests
 import yaml
 
-from helpers import free_port, save_untrained_artifact
+from helpers import free_port
 from genray.images import decode_image, encode_png
+
+pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
-# all.yaml's endpoint -> the test artefact of the same family (tests/conftest.py serve_family_uris).
-ARTEFACT_FOR = {"denoise": "denoise", "superres": "superres", "digits-ae": "digits-ae", "digits-gan": "digits-gan",
-           "faces-gan": "digits-gan", "digits-vae": "digits-vae", "faces-vae": "digits-vae",
-           "digits-classifier": "digits-classifier"}
+# all.yaml's endpoint -> the family whose test artefact it serves (tests/conftest.py serve_family_uris).
+ARTEFACT_FOR = {"denoise": "photo_denoiser", "superres": "srgan", "digits-ae": "dense_ae", "digits-gan": "dcgan",
+                "faces-gan": "dcgan", "digits-vae": "vae", "faces-vae": "vae", "digits-classifier": "sae_classifier",
+                "digits-denoise": "denoise_ae"}
 
 
 def demo_config(tmp_path: Path, family_uris: dict, port: int) -> Path:
@@ -29,8 +31,7 @@ def demo_config(tmp_path: Path, family_uris: dict, port: int) -> Path:
     data["http_options"]["port"] = port
     args = data["applications"][0]["args"]
     for name, model in args["models"].items():
-        model["uri"] = (family_uris["models"][ARTEFACT_FOR[name]] if name in ARTEFACT_FOR
-                        else save_untrained_artifact(str(tmp_path / name), "denoise_ae"))
+        model["uri"] = family_uris["models"][ARTEFACT_FOR[name]]
     args["styles"]["uris"] = dict(zip(args["styles"]["uris"], family_uris["styles"].values()))
     path = tmp_path / "all.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -60,7 +61,7 @@ def test_demo_config_serves_every_family(command, serve_family_uris, tmp_path):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(2)
         listing = requests.get(f"{base}/models", headers=auth, timeout=30).json()
-        assert set(listing["models"]) == set(ARTEFACT_FOR) | {"digits-denoise"}
+        assert set(listing["models"]) == set(ARTEFACT_FOR)
         assert set(listing["styles"]["styles"]) == {"starry", "waves"}
         assert requests.get(f"{base}/models", timeout=30).status_code == 401
         assert requests.get(f"{base}/-/healthz", timeout=30).status_code == 200

@@ -69,8 +69,8 @@ def test_request_timeout_is_504(serve_app, slow_model_uri):
 def test_bearer_token_guards_every_route_but_health(serve_app, serve_family_uris, tmp_path):
     token = "s3cret-" + "x" * 20
     (tmp_path / "token").write_text(token + "\n")  # a mounted secret usually ends in a newline
-    base = serve_app({"models": {"denoise": {"uri": serve_family_uris["models"]["denoise"], "num_cpus": 0.1},
-                                 "gan": {"uri": serve_family_uris["models"]["digits-gan"], "num_cpus": 0.1}},
+    base = serve_app({"models": {"denoise": {"uri": serve_family_uris["models"]["photo_denoiser"], "num_cpus": 0.1},
+                                 "gan": {"uri": serve_family_uris["models"]["dcgan"], "num_cpus": 0.1}},
                       "styles": {"uris": serve_family_uris["styles"], "num_cpus": 0.1},
                       "token_file": str(tmp_path / "token")})
     upload = encode_png(np.zeros((8, 8, 3), np.uint8))
@@ -97,7 +97,7 @@ def test_require_token_without_one_refuses_to_start(serve_http, serve_family_uri
 
     from genray.serving.deploy import DeployError, deploy_app
 
-    args = {"models": {"denoise": {"uri": serve_family_uris["models"]["denoise"], "num_cpus": 0.1}},
+    args = {"models": {"denoise": {"uri": serve_family_uris["models"]["photo_denoiser"], "num_cpus": 0.1}},
             "require_token": True, "gateway": {"num_cpus": 0.05}}
     try:
         with pytest.raises(DeployError, match="Gateway: RuntimeError: require_token is set but no bearer token"):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,12 @@ import pytest
 from genray import storage
 from genray.model_artifact import read_meta
 from genray.config import ConfigError
-from genray.submit import SubmitError, auth_headers, build_job, split_address
+from genray.cli import build_job
+from genray.submit import SubmitError, auth_headers, split_address
 
-GENRAY = str(Path(sys.executable).with_name("genray"))
-REPO = str(Path(__file__).resolve().parent.parent)
+from helpers import REPO, genray
+
 TINY = "configs/tiny/denoise_ae.yaml"
-
-
-def genray(*args: str, env: dict | None = None, drop: tuple[str, ...] = (), timeout: float = 600):
-    full = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop}
-    return subprocess.run([GENRAY, *args], capture_output=True, text=True, timeout=timeout, env=full, cwd=REPO)
 
 
 def test_a_job_ships_the_working_dir_and_relative_config_but_no_secrets():
@@ -110,7 +104,7 @@ def test_submit_train_to_a_multinode_cluster(ray_cluster, digits_uri, s3_bucket,
                "--set", f"data.held_out_uri={digits_uri}/test/", "--set", "data.limit=null",
                "--set", "train.epochs=2", "--set", "name=submitted",
                "--set", "scaling.resources_per_worker={worker_slot: 1}",  # one worker per node
-               "--output", out, env=env, drop=no_aws)
+               "--output", out, env=env, drop=no_aws, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job_id = r.stdout.split("[genray] submitted ", 1)[1].split()[0]
     # Streamed: the driver's own lines and the rank-0 worker's epoch lines.

@@ -158,15 +158,15 @@ def start_head(state: dict, cpus: float, resources: dict) -> None:
     wait_for(up, "the head node and its dashboard", timeout=300)
 
 
-def start_worker(state: dict, name: str, cpus: float, resources: dict, wait: bool = True) -> None:
+def start_worker(state: dict, name: str, cpus: float, resources: dict, wait: bool = True, gpus: float = 0) -> None:
     # Its own temp dir, as on its own machine: nodes sharing one would share (and garbage-collect) each other's
     # runtime_env files, e.g. a job's working_dir under a live worker's feet.
     temp_dir = str(Path(state["dir"]) / name)
     argv = [sys.executable, os.path.abspath(__file__), "_worker", "--gcs-address", state["gcs_address"],
-            "--name", name, "--cpus", f"{cpus:g}", "--resources", json.dumps(resources),
+            "--name", name, "--cpus", f"{cpus:g}", "--gpus", f"{gpus:g}", "--resources", json.dumps(resources),
             "--object-store-mb", str(state["object_store_mb"]), "--temp-dir", temp_dir]
     pid = spawn(state, name, argv, temp_dir)
-    state["nodes"][name] = {"pid": pid, "cpus": cpus, "resources": resources}
+    state["nodes"][name] = {"pid": pid, "cpus": cpus, "gpus": gpus, "resources": resources}
     write_state(state["dir"], state)
     if not wait:
         return
@@ -191,7 +191,8 @@ def run_worker_node(args: argparse.Namespace) -> None:
     from ray._private.parameter import RayParams
 
     params = RayParams(
-        gcs_address=args.gcs_address, node_ip_address=HOST, num_cpus=args.cpus, num_gpus=0,
+        # num_gpus: logical GPUs (there may be none on this host): Ray schedules GPU actors by them all the same.
+        gcs_address=args.gcs_address, node_ip_address=HOST, num_cpus=args.cpus, num_gpus=args.gpus,
         resources=json.loads(args.resources), labels={"genray-node": args.name},
         object_store_memory=args.object_store_mb * 2**20, temp_dir=args.temp_dir,
         min_worker_port=0, max_worker_port=0, node_manager_port=0,
@@ -290,7 +291,8 @@ def _reap(pid: int) -> None:
 # -- commands ------------------------------------------------------------------------------------------------------
 
 def start(cluster_dir: str, workers: int = 2, head_cpus: float = 0, worker_cpus: float = 1,
-          worker_resources: dict | None = None, object_store_mb: int = 200, auth: str = "token") -> dict:
+          worker_resources: dict | None = None, object_store_mb: int = 200, auth: str = "token",
+          worker_gpus: float = 0) -> dict:
     """Start a head and `workers` worker nodes; returns the state (also written to <dir>/cluster.json)."""
     d = Path(cluster_dir).resolve()
     if (d / STATE_FILE).exists():
@@ -307,7 +309,8 @@ def start(cluster_dir: str, workers: int = 2, head_cpus: float = 0, worker_cpus:
     state = {"dir": str(d), "temp_dir": str(temp_dir), "gcs_port": gcs_port, "gcs_address": f"{HOST}:{gcs_port}",
              "dashboard_port": dashboard_port, "dashboard_url": f"http://{HOST}:{dashboard_port}",
              "auth_token_path": str(token_path) if token_path else None, "object_store_mb": object_store_mb,
-             "worker_cpus": worker_cpus, "worker_resources": worker_resources or {}, "next_worker": 1, "nodes": {}}
+             "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "worker_resources": worker_resources or {},
+             "next_worker": 1, "nodes": {}}
     write_state(d, state)
     try:
         start_head(state, head_cpus, {"head": 1})
@@ -320,15 +323,16 @@ def start(cluster_dir: str, workers: int = 2, head_cpus: float = 0, worker_cpus:
 
 
 def add_node(cluster_dir: str, cpus: float | None = None, resources: dict | None = None, state: dict | None = None,
-             wait: bool = True) -> str:
-    """Add a worker node (default: the cluster's worker CPUs and resources); returns its name."""
+             wait: bool = True, gpus: float | None = None) -> str:
+    """Add a worker node (default: the cluster's worker CPUs, GPUs and resources); returns its name."""
     state = state or read_state(cluster_dir)
     for attempt in range(3):  # a node that fails to start on an overloaded host gets another go, under a new name
         name = f"worker-{state['next_worker']}"
         state["next_worker"] += 1
         try:
             start_worker(state, name, state["worker_cpus"] if cpus is None else cpus,
-                         state["worker_resources"] if resources is None else resources, wait=wait)
+                         state["worker_resources"] if resources is None else resources, wait=wait,
+                         gpus=state.get("worker_gpus", 0) if gpus is None else gpus)
             return name
         except NodeStartError as err:
             stop_node(state["nodes"].pop(name), timeout=5)
@@ -465,12 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--head-cpus", type=float, default=0, help="0: the head only runs drivers and Ray's own actors")
     st.add_argument("--worker-cpus", type=float, default=1)
     st.add_argument("--worker-resources", default="{}", help='custom resources per worker node, JSON')
+    st.add_argument("--worker-gpus", type=float, default=0, help="logical GPUs per worker node (none need exist)")
     st.add_argument("--object-store-mb", type=int, default=200)
     st.add_argument("--auth", choices=("token", "disabled"), default="token")
     ad = sub.add_parser("add-node", help="add a worker node")
     ad.add_argument("--dir", required=True)
     ad.add_argument("--cpus", type=float)
     ad.add_argument("--resources", help="JSON; default: the cluster's worker resources")
+    ad.add_argument("--gpus", type=float, help="logical GPUs; default: the cluster's worker GPUs")
     kl = sub.add_parser("kill-node", help="SIGKILL a worker node's processes")
     kl.add_argument("--dir", required=True)
     kl.add_argument("name")
@@ -484,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--gcs-address", "--name", "--resources", "--temp-dir"):
         wk.add_argument(flag, required=True)
     wk.add_argument("--cpus", type=float, required=True)
+    wk.add_argument("--gpus", type=float, default=0)
     wk.add_argument("--object-store-mb", type=int, required=True)
     args = p.parse_args(argv)
 
@@ -491,11 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         run_worker_node(args)
     elif args.cmd == "start":
         state = start(args.dir, args.workers, args.head_cpus, args.worker_cpus, json.loads(args.worker_resources),
-                      args.object_store_mb, args.auth)
+                      args.object_store_mb, args.auth, args.worker_gpus)
         print(f"Ray cluster up: head + {args.workers} worker nodes; dashboard and Jobs API at {state['dashboard_url']}")
         print("\n".join(env_lines(state)))
     elif args.cmd == "add-node":
-        print(add_node(args.dir, args.cpus, json.loads(args.resources) if args.resources else None))
+        print(add_node(args.dir, args.cpus, json.loads(args.resources) if args.resources else None, gpus=args.gpus))
     elif args.cmd == "kill-node":
         kill_node(args.dir, args.name)
     elif args.cmd == "stop":

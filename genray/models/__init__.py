@@ -6,7 +6,7 @@ is one file (its config with `tiny()`, networks, `train_step`, `SPEC`) and one l
 from __future__ import annotations
 
 from genray.models import dcgan, denoise_ae, dense_ae, photo_denoiser, sae_classifier, srgan, style_net, vae
-from genray.models.spec import ModelSpec, Task, TrainState
+from genray.models.spec import ModelSpec, TrainState
 
 MODELS: dict[str, ModelSpec] = {}
 
@@ -34,4 +34,4 @@ register_model(srgan.SPEC)
 register_model(photo_denoiser.SPEC)
 register_model(style_net.SPEC)
 
-__all__ = ["MODELS", "ModelSpec", "Task", "TrainState", "get_spec", "register_model"]
+__all__ = ["MODELS", "ModelSpec", "TrainState", "get_spec", "register_model"]

@@ -77,6 +77,19 @@ def build_dataset(spec: ModelSpec, images: list[np.ndarray], labels: list[int] |
     return image_tensor_dataset(images, spec.value_range)
 
 
+def prepare_items(spec: ModelSpec, image: np.ndarray, label: int | None, cfg: Any, seed: int) -> list[Any]:
+    """The training items one decoded image gives (its random crops, LR/HR pairs, the image as a tensor, with its
+    label ...), through the family's own make_dataset, as the streaming side prepares them.
+
+    `seed` picks the random crops: a dataset with set_epoch (RandomCrops, and what wraps it) draws item i from
+    (its seed, i, epoch), so `seed` goes in as the epoch word. The caller derives it from (train seed, epoch,
+    image key): an image gets the same crops in a rerun whichever worker reads it, and new ones every epoch."""
+    dataset = build_dataset(spec, [image], None if label is None else [label], cfg)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(seed)
+    return [dataset[i] for i in range(len(dataset))]
+
+
 def fixed_batch(dataset: Dataset, n: int) -> Any:
     """n items spread over the dataset (key-sorted data is often class-sorted), collated like a training batch."""
     from torch.utils.data import default_collate

@@ -10,13 +10,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from genray.images import make_grid, to_uint8
+from genray.images import make_grid, resize, resize_side, to_uint8
 from genray.models.data import RandomCrops, image_tensor_dataset
+from genray.models.layers import unwrap
 from genray.models.spec import ModelSpec, TrainState
 
 # variant -> (side, channels, side of the generator's first feature map)
@@ -122,10 +122,6 @@ def build(cfg: DCGANConfig) -> Generator:
     return Generator(cfg)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module  # DDP keeps the real module in .module
-
-
 def init_training(cfg: DCGANConfig, lr: float) -> TrainState:
     generator, discriminator = build(cfg), Discriminator(cfg)
     modules: dict[str, nn.Module] = {"model": generator, "discriminator": discriminator}
@@ -199,31 +195,10 @@ def train_step(state: TrainState, real: torch.Tensor) -> dict[str, float]:
     loss_g.backward()
     opt_g.step()
     if cfg.ema_decay is not None:
-        update_ema(_unwrap(state.modules["model"]), _unwrap(G), cfg.ema_decay)
+        update_ema(unwrap(state.modules["model"]), unwrap(G), cfg.ema_decay)
     out["loss_g"] = loss_g.item()
     out["loss"] = out["loss_g"]  # the loss plot's line
     return out
-
-
-def _fit(image: np.ndarray, side: int, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (side, side, channels): bicubic resize and gray <-> RGB as needed."""
-    mode = "L" if channels == 1 else "RGB"
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, "L" if image.shape[2] == 1 else "RGB")
-    if pil.mode != mode:
-        pil = pil.convert(mode)
-    if pil.size != (side, side):
-        pil = pil.resize((side, side), Image.Resampling.BICUBIC)
-    array = np.asarray(pil, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def _shorter_side_to(image: np.ndarray, short_side: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    scale = short_side / min(h, w)
-    size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    array = np.asarray(pil.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 def make_dataset(images: list[np.ndarray], labels: list[int] | None, cfg: DCGANConfig) -> torch.utils.data.Dataset:
@@ -234,11 +209,11 @@ def make_dataset(images: list[np.ndarray], labels: list[int] | None, cfg: DCGANC
         return image_tensor_dataset(images, "tanh")
     if cfg.variant == "cifar32" and all(min(im.shape[:2]) > side for im in images):
         if cfg.photo_short_side is not None:
-            images = [_shorter_side_to(im, cfg.photo_short_side) for im in images]
+            images = [resize_side(im, cfg.photo_short_side) for im in images]
         if any(im.shape[2] != channels for im in images):
             images = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]
         return RandomCrops(images, side, "tanh", crops_per_image=cfg.crops_per_image)
-    return image_tensor_dataset([_fit(im, side, channels) for im in images], "tanh")
+    return image_tensor_dataset([resize(im, side, side, channels=channels) for im in images], "tanh")
 
 
 @torch.no_grad()
@@ -270,7 +245,7 @@ def _pixel_frechet(a: np.ndarray, b: np.ndarray) -> float:
     from genray.fid import frechet_distance
 
     def small(images: np.ndarray) -> np.ndarray:
-        return np.stack([_fit(im, 8, im.shape[2]) for im in images]).reshape(len(images), -1) / 255.0
+        return np.stack([resize(im, 8, 8) for im in images]).reshape(len(images), -1) / 255.0
 
     return frechet_distance(small(a), small(b))
 
@@ -311,6 +286,8 @@ SPEC = ModelSpec(
     sample_grid=sample_grid,
     evaluate=evaluate,
     in_channels=lambda cfg: VARIANTS[cfg.variant][1],
+    image_size=lambda cfg: VARIANTS[cfg.variant][0],
+    code_size=lambda cfg: cfg.latent_dim,
     make_dataset=make_dataset,
     generate=generate,
     loss_decreases=False,

@@ -123,4 +123,5 @@ SPEC = ModelSpec(
     evaluate=evaluate,
     in_channels=lambda cfg: cfg.channels,
     size_multiple=4,
+    noise_sigma=lambda cfg: cfg.noise_std * 255.0,  # noise_std is on [0, 1] pixels
 )

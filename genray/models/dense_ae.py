@@ -214,5 +214,6 @@ SPEC = ModelSpec(
     evaluate=evaluate,
     in_channels=lambda cfg: cfg.channels,
     extra_outputs=extra_outputs,
+    code_size=lambda cfg: cfg.latent_dim,
     size_multiple=28,  # tiles of the Predictor fall on block boundaries for the default image_size
 )

@@ -133,4 +133,5 @@ SPEC = ModelSpec(
     in_channels=lambda cfg: cfg.channels,
     make_dataset=make_dataset,
     size_multiple=1,
+    noise_sigma=lambda cfg: cfg.noise_sigma,
 )

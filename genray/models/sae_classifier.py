@@ -161,4 +161,6 @@ SPEC = ModelSpec(
     evaluate=evaluate,
     in_channels=lambda cfg: cfg.channels,
     make_dataset=make_dataset,
+    image_size=lambda cfg: cfg.image_size,
+    code_size=lambda cfg: cfg.latent_dim,
 )

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-Task = Literal["denoise", "superres", "style", "generate", "classify", "reconstruct"]
+from genray.tasks import TASKS, Task
+
 ValueRange = Literal["tanh", "sigmoid"]  # [-1, 1] or [0, 1] inside the model
 
 
@@ -59,6 +60,24 @@ class ModelSpec:
     generate: Callable[[nn.Module, int, int, Any], np.ndarray] | None = None
     # (model, held-out images, labels, cfg) -> extra files for the run's output, e.g. {"embedding.png": b"..."}
     extra_outputs: Callable[[nn.Module, list[np.ndarray], list[int] | None, Any], dict[str, bytes]] | None = None
+    # What evaluation and serving ask of a family, so that no caller needs to know families by name:
+    # (cfg) -> the Gaussian noise sigma (0..255 units) a denoiser was trained for
+    noise_sigma: Callable[[Any], float] | None = None
+    # (cfg) -> the one input side of a fixed-size model (and the side a generator makes); None: any size
+    image_size: Callable[[Any], int] | None = None
+    # (cfg) -> the size of the model's code, e.g. the PCA baseline's number of components
+    code_size: Callable[[Any], int] | None = None
+    # (model, uint8 HWC images of image_size, cfg) -> their reconstructions (N, H, W, C), for models that encode
+    # and decode (a VAE); the Serve route /vae/<model>/reconstruct and genray eval's reconstruct task use it
+    reconstruct: Callable[[nn.Module, list[np.ndarray], Any], np.ndarray] | None = None
+    # (model, steps, seed, cfg) -> a latent-space walk (steps, H, W, C)
+    interpolate: Callable[[nn.Module, int, int, Any], np.ndarray] | None = None
     scale: int = 1  # output size / input size (4 for x4 super-resolution)
     size_multiple: int = 1  # inputs are padded to a multiple of this before the forward pass
     loss_decreases: bool = True  # False for adversarial losses, which need not fall (the test battery reads it)
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        """The `genray eval` tasks this family can be measured on: its own, and reconstruction if it reconstructs."""
+        tasks = [self.task] + (["reconstruct"] if self.reconstruct is not None else [])
+        return tuple(t for t in dict.fromkeys(tasks) if TASKS[t].evaluated)

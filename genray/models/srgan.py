@@ -9,12 +9,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from genray.images import center_crop, make_grid, to_float, to_uint8
+from genray.images import center_crop, make_grid, resize, to_float, to_uint8
 from genray.metrics import psnr, rgb_to_y, ssim
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
@@ -167,18 +166,12 @@ def build(cfg: SRGANConfig) -> SRResNet:
 
 def bicubic_downscale(image: np.ndarray, factor: int = SCALE) -> np.ndarray:
     """uint8 (H, W, C) -> uint8 (H/factor, W/factor, C) with PIL's bicubic filter (the paper's LR inputs)."""
-    h, w, c = image.shape
-    pil = Image.fromarray(image[:, :, 0] if c == 1 else image)
-    small = np.asarray(pil.resize((w // factor, h // factor), Image.Resampling.BICUBIC))
-    return small[:, :, None] if c == 1 else small
+    return resize(image, image.shape[1] // factor, image.shape[0] // factor)
 
 
 def bicubic_upscale(image: np.ndarray, factor: int = SCALE) -> np.ndarray:
     """uint8 (h, w, C) -> uint8 (h*factor, w*factor, C): the baseline SR is measured against."""
-    h, w, c = image.shape
-    pil = Image.fromarray(image[:, :, 0] if c == 1 else image)
-    big = np.asarray(pil.resize((w * factor, h * factor), Image.Resampling.BICUBIC))
-    return big[:, :, None] if c == 1 else big
+    return resize(image, image.shape[1] * factor, image.shape[0] * factor)
 
 
 class LowResPairs(Dataset):

@@ -11,12 +11,11 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from genray import storage
-from genray.images import decode_image, make_grid, to_float, to_uint8
+from genray.images import decode_image, make_grid, resize_side, to_float, to_uint8
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
 from genray.models.vgg import LAYERS, VGGFeatures, load_vgg19_features
@@ -228,21 +227,11 @@ def builtin_style(name: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.rint(image).astype(np.uint8))
 
 
-def resize_longer_side(image: np.ndarray, side: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    scale = side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if size == (w, h):
-        return image
-    resized = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(resized)
-
-
 def read_style_image(uri: str, size: int) -> np.ndarray:
     """The style image (uint8 HWC RGB) with its longer side resized to `size`; `builtin:<name>` makes one."""
     if uri.startswith(BUILTIN_PREFIX):
         return builtin_style(uri.removeprefix(BUILTIN_PREFIX), size)
-    return resize_longer_side(decode_image(storage.read_bytes(uri), channels=3), size)
+    return resize_side(decode_image(storage.read_bytes(uri), channels=3), size, longer=True)
 
 
 @functools.lru_cache(maxsize=2)
@@ -306,13 +295,7 @@ def train_step(state: TrainState, content: torch.Tensor) -> dict[str, float]:
 
 def _fit_crop_size(image: np.ndarray, side: int) -> np.ndarray:
     """Scale an image up (keeping its aspect) until its shorter side is at least `side`."""
-    h, w = image.shape[:2]
-    if min(h, w) >= side:
-        return image
-    scale = side / min(h, w)
-    size = (max(side, math.ceil(w * scale)), max(side, math.ceil(h * scale)))
-    return np.asarray(Image.fromarray(image.squeeze(-1) if image.shape[2] == 1 else image).resize(
-        size, Image.Resampling.BICUBIC)).reshape(size[1], size[0], image.shape[2])
+    return image if min(image.shape[:2]) >= side else resize_side(image, side)
 
 
 def make_dataset(images: list[np.ndarray], labels: list[int] | None, cfg: StyleNetConfig) -> RandomCrops:
@@ -334,7 +317,7 @@ def _eval_image(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     if max(image.shape[:2]) > EVAL_MAX_SIDE:
-        image = resize_longer_side(image, EVAL_MAX_SIDE)
+        image = resize_side(image, EVAL_MAX_SIDE, longer=True)
     image = _fit_crop_size(image, MIN_SIDE)
     h, w = image.shape[:2]
     y, x = (h % 4) // 2, (w % 4) // 2
@@ -382,7 +365,7 @@ def gatys_transfer(content: np.ndarray, style: np.ndarray, vgg: VGGFeatures, ite
     if min(content.shape[:2]) < 16:
         raise ValueError(f"content image {content.shape[1]}x{content.shape[0]} is too small (VGG pools 4 times)")
     rgb = lambda im: np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im  # noqa: E731
-    style = resize_longer_side(rgb(style), max(content.shape[:2]))
+    style = resize_side(rgb(style), max(content.shape[:2]), longer=True)
     device = vgg.mean.device
     target = torch.from_numpy(to_float(rgb(content)[None], "sigmoid")).to(device)  # (1, 3, H, W)
     with torch.no_grad():

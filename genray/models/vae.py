@@ -136,14 +136,14 @@ def generate(model: VAE, n: int, seed: int, cfg: VAEConfig | None = None) -> np.
 
 
 @torch.no_grad()
-def reconstruct(model: VAE, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+def reconstruct(model: VAE, images: np.ndarray | list[np.ndarray], cfg: VAEConfig | None = None) -> np.ndarray:
     """uint8 (N, S, S, C) -> their reconstructions decode(mu), uint8 (N, S, S, C)."""
     x = torch.from_numpy(to_float(np.stack(list(images)), "sigmoid")).to(_model_device(model))
     return to_uint8(model(x).cpu().numpy(), "sigmoid")
 
 
 @torch.no_grad()
-def interpolate(model: VAE, steps: int, seed: int) -> np.ndarray:
+def interpolate(model: VAE, steps: int, seed: int, cfg: VAEConfig | None = None) -> np.ndarray:
     """Decodings of `steps` evenly spaced points on the line between two latents drawn with `seed`:
     uint8 (steps, S, S, C); the first and last images are the decodings of the two endpoint latents."""
     if steps < 2:
@@ -216,4 +216,8 @@ SPEC = ModelSpec(
     evaluate=evaluate,
     in_channels=lambda cfg: cfg.channels,
     generate=generate,
+    image_size=lambda cfg: cfg.image_size,
+    code_size=lambda cfg: cfg.latent_dim,
+    reconstruct=reconstruct,
+    interpolate=interpolate,
 )

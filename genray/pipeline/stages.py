@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,8 +20,6 @@ from genray.config import (ConfigError, PipelineConfig, ProcessConfig, ServeFile
                            parse_gate_condition, parse_overrides, read_yaml, set_dotted, validate)
 
 STATE_FILE = "state.json"
-_OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
 
 
 class GateFailed(RuntimeError):
@@ -38,9 +35,9 @@ def check_gate(conditions: list[str], metrics: dict[str, float]) -> list[dict[st
     fails its condition, with the metrics that exist in the row's note."""
     rows = []
     for condition in conditions:
-        name, op, threshold = parse_gate_condition(condition)
+        name, passes, threshold = parse_gate_condition(condition)
         value = metrics.get(name)
-        row = {"condition": condition, "value": value, "passed": value is not None and _OPERATORS[op](value, threshold)}
+        row = {"condition": condition, "value": value, "passed": value is not None and passes(value, threshold)}
         if value is None:
             row["note"] = f"not measured; the evaluation measured: {', '.join(sorted(metrics))}"
         rows.append(row)

@@ -10,12 +10,11 @@ import time
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from genray import storage
 from genray.config import ProcessConfig
-from genray.images import ImageError, decode_image
-from genray.models.style_net import GATYS_LAYERS, resize_longer_side, gatys_transfer
+from genray.images import ImageError, decode_image, resize, resize_side
+from genray.models.style_net import GATYS_LAYERS, gatys_transfer
 from genray.models.vgg import VGGFeatures, load_vgg19_features
 
 PROGRESS_STEPS = 10  # progress lines per image
@@ -67,7 +66,7 @@ class GatysStylizer:
         h, w = image.shape[:2]
         # The optimisation's cost grows with the pixel count: large photos are optimised at gatys_max_side and
         # the result is resized back, so a 24-megapixel photo takes minutes, not hours.
-        small = resize_longer_side(image, self.cfg.gatys_max_side) if max(h, w) > self.cfg.gatys_max_side else image
+        small = resize_side(image, self.cfg.gatys_max_side, longer=True) if max(h, w) > self.cfg.gatys_max_side else image
         every = max(1, self.cfg.gatys_iterations // PROGRESS_STEPS)
         started = time.perf_counter()
 
@@ -77,8 +76,4 @@ class GatysStylizer:
                          f"({time.perf_counter() - started:.1f}s)")
 
         out = gatys_transfer(small, self.style, self.vgg, iterations=self.cfg.gatys_iterations, progress=progress)
-        if out.shape[:2] != (h, w):
-            mode = "L" if out.shape[2] == 1 else "RGB"
-            out = np.asarray(Image.fromarray(out.squeeze(2) if mode == "L" else out, mode)
-                             .resize((w, h), Image.Resampling.BICUBIC)).reshape(h, w, -1)
-        return out
+        return resize(out, w, h)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,15 +19,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from genray import archives, storage
+from genray.datasets import IMAGE_SUFFIXES
 from genray.model_artifact import ArtifactError, read_meta
 from genray.process import read_stage
 from genray.process import manifest
 from genray.process.attempts import AttemptTracker
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_png
+from genray.runtime import ray_error_line
 
 FLUSH_ROWS = 500  # manifest part size ...
 FLUSH_SECONDS = 30.0  # ... or age, whichever comes first: bounds what a crash can lose
@@ -88,47 +93,98 @@ def check_model(cfg: ProcessConfig) -> dict[str, Any]:
 
 @dataclass
 class Plan:
-    todo: list[dict[str, Any]]  # loose images to process
-    skipped: list[dict[str, Any]]  # rows the manifest has done with this model and input ETag
-    refused: list[dict[str, Any]]  # error rows before any work, e.g. a key that would escape the output prefix
-    units: list[dict[str, Any]]  # archives to read (batch.archives.plan_archives)
+    """What a run does, counted rather than listed: the loose images to process travel as Arrow blocks (in Ray's
+    object store, or handed to the dry run's log), so the driver never holds a row per input."""
+
+    todo: list[Any] = field(default_factory=list)  # ObjectRefs of Arrow tables (TODO_SCHEMA), one per block
+    num_todo: int = 0
+    num_skipped: int = 0  # images the manifest has done with this model and input ETag
+    refused: list[dict[str, Any]] = field(default_factory=list)  # error rows before any work
+    units: list[dict[str, Any]] = field(default_factory=list)  # archives to read (read_stage.plan_archives)
+    num_archives_done: int = 0  # archives read in full before (their members are in num_skipped)
+    num_died: int = 0  # inputs recorded as "worker died while processing it", not retried (--retry-errors)
 
 
-def plan(cfg: ProcessConfig, digest: str) -> Plan:
+TODO_SCHEMA = pa.schema([("input_key", pa.string()), ("input_uri", pa.string()), ("input_etag", pa.string()),
+                         ("output_key", pa.string()),
+                         ("input_size", pa.int64())])  # from the listing: checked against --max-input-bytes
+# What a rerun's diff reads ('error': to skip inputs that killed their workers).
+PLAN_COLUMNS = ["input_key", "output_key", "status", "input_etag", "model_digest", "error"]
+BLOCK_BATCHES = 4  # a block of the to-do dataset holds this many batches: small enough to spread a short job
+VERIFY_THREADS = 16  # --verify-outputs: HEAD requests in flight
+_TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#' before the member's key
+
+
+def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
+    """List the inputs page by page and diff each page against the manifest (Arrow, sorted by key) as it comes:
+    memory is the manifest's planning columns plus a page, and time is linear in inputs + manifest rows.
+    `sink(table)` receives each block of loose images to process (default: keep the tables, for tests)."""
     tar = cfg.output_format == "tar"
+    sink = sink or (lambda table: table)
+    work = Plan()
+    done = manifest.read_latest(cfg.output_uri, PLAN_COLUMNS, quarantine_bad=not cfg.dry_run, log=log)
+    done_keys = done.column("input_key").combine_chunks()
     try:
-        inputs = read_stage.list_inputs(cfg.input_uri)
+        base_uri, pages, missing = _input_pages(cfg.input_uri)
+        out_rel = _nested_prefix(base_uri, cfg.output_uri)
+        out_keys = _OutputKeys()
+        archive_objs: list[storage.ObjectInfo] = []
+        block: list[pa.Table] = []
+        block_rows, target = 0, BLOCK_BATCHES * cfg.batch_size
+        for page in pages:
+            if out_rel:  # never eat our own outputs
+                page = [obj for obj in page if not obj.key.startswith(out_rel)]
+            if any(archives.has_control(obj.key) for obj in page):
+                # A newline or a bidi override in a name would forge log lines and spoof manifest keys: refused,
+                # recorded under the escaped name.
+                work.refused += [read_stage.error_row(archives.escape_control(obj.key), obj.etag, digest,
+                                                      "refused: control character in name")
+                                 for obj in page if archives.has_control(obj.key)]
+                page = [obj for obj in page if not archives.has_control(obj.key)]
+            images = [obj for obj in page if read_stage.is_image(obj.key)]
+            if len(images) < len(page):  # the listing holds only images and archives
+                archive_objs += [obj for obj in page if archives.is_archive(obj.key)]
+            if not images:
+                continue
+            todo = _diff_page(cfg, digest, tar, images, out_keys, done, done_keys, work)
+            if todo.num_rows:
+                work.num_todo += todo.num_rows
+                block.append(todo)
+                block_rows += todo.num_rows
+                while block_rows >= target:
+                    table = pa.concat_tables(block)
+                    work.todo.append(sink(table.slice(0, target)))
+                    rest = table.slice(target)
+                    block, block_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        if block_rows:
+            work.todo.append(sink(pa.concat_tables(block)))
     except storage.StorageError as err:
         raise JobError(str(err)) from None
-    out_rel = _nested_prefix(inputs.base_uri, cfg.output_uri)
+    del done, done_keys
+    work.refused += [read_stage.error_row(archives.loose_key(key), None, digest, why) for key, why in missing]
+    if archive_objs:
+        # Archives: their members' rows as dicts, for read_stage (bounded by the archives' members, not by the loose
+        # inputs; reading each archive's rows in its own read task instead is left for later).
+        members = _archive_rows(cfg.output_uri, archive_objs)
+        units, skipped, refused = read_stage.plan_archives(archive_objs, members, digest, cfg.output_uri, tar,
+                                                           cfg.retry_errors)
+        work.units, work.refused = units, work.refused + refused
+        work.num_skipped += sum(r.get("num_rows") is None and r["status"] != "error" for r in skipped)
+        work.num_died += sum(r.get("num_rows") is None and r["status"] == "error" for r in skipped)
+        work.num_archives_done = sum(r.get("num_rows") is not None for r in skipped)
+    return work
 
-    def mine(obj: storage.ObjectInfo) -> bool:  # never eat our own outputs
-        return bool(out_rel) and obj.key.startswith(out_rel)
 
-    done = manifest.read_manifest(cfg.output_uri)
-    units, skipped, refused = read_stage.plan_archives([o for o in inputs.archives if not mine(o)], done,
-                                                           digest, cfg.output_uri, tar, cfg.retry_errors)
-    refused += [read_stage.error_row(archives.loose_key(key), None, digest, why) for key, why in inputs.missing]
-    todo, taken = [], set()
-    for obj in inputs.images:
-        if mine(obj):
-            continue
-        out_key = manifest.output_key_for(obj.key, taken)
-        try:
-            storage.join_uri(cfg.output_uri, out_key)
-        except storage.UnsafeKeyError as err:
-            refused.append(read_stage.error_row(archives.loose_key(obj.key), obj.etag, digest, str(err)))
-            continue
-        input_key = archives.loose_key(obj.key)  # '#' in a name is escaped: it separates archive and member
-        prev = done.get(input_key)
-        if manifest.is_done(prev, obj.etag, digest, out_key, tar):
-            skipped.append({**prev, "status": "skipped", "error": None, "seconds": 0.0})
-        elif not cfg.retry_errors and manifest.died_before(prev, obj.etag, digest):
-            skipped.append({**prev, "seconds": 0.0})  # stays an error row; --retry-errors redoes it
-        else:
-            todo.append({"input_key": input_key, "input_uri": obj.uri, "input_etag": obj.etag, "output_key": out_key,
-                         "input_size": obj.size})
-    return Plan(todo, skipped, refused, units)
+def _input_pages(input_uri: str):
+    """(base URI, pages of ObjectInfo, [(key, why)] of a pattern's missing names). A prefix streams page by page;
+    one archive or a brace pattern (names given in full, so already bounded) comes as one listing."""
+    if archives.has_braces(input_uri) or archives.is_archive(input_uri):
+        inputs = read_stage.list_inputs(input_uri)
+        if inputs.base_uri != input_uri or inputs.archives or inputs.missing or inputs.images:
+            objs = sorted(inputs.images + inputs.archives, key=lambda o: o.key)
+            return inputs.base_uri, [objs] if objs else [], inputs.missing
+    suffixes = IMAGE_SUFFIXES + archives.ARCHIVE_SUFFIXES
+    return input_uri, storage.iter_object_pages(input_uri, suffixes=suffixes), []
 
 
 def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
@@ -139,20 +195,136 @@ def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
 WORKER_DIED = manifest.WORKER_DIED
 
 
+class _OutputKeys:
+    """manifest.output_key_for over a listing sorted by key, in bounded memory. Two inputs can only ask for the same
+    output key if they share '<folder>/<name up to its first dot>.' ('a/b.jpg', 'a/b.png' and 'a/b.jpg.jpeg' all
+    start 'a/b.'), and keys sharing a prefix are contiguous in sorted order: only the groups the listing is still
+    inside keep their taken keys. An unsorted listing (not S3's or genray's) keeps every group instead."""
+
+    def __init__(self):
+        self.groups: dict[str, set[str]] = {}
+        self.last, self.sorted, self.calls = "", True, 0
+
+    def __call__(self, key: str) -> str:
+        if key < self.last:
+            self.sorted = False
+        self.last = key
+        self.calls += 1
+        if self.sorted and self.calls % 256 == 0:
+            for prefix in [p for p in self.groups if not key.startswith(p)]:
+                del self.groups[prefix]  # key > prefix and does not start with it: no later key does either
+        dot = key.find(".", key.rfind("/") + 1)  # the name's first dot
+        group = key[:dot + 1] if dot >= 0 else key + "."
+        return manifest.output_key_for(key, self.groups.setdefault(group, set()))
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_. -]*(/[A-Za-z0-9_-][A-Za-z0-9_. -]*)*")
+
+
+def _plain_key(key: str) -> bool:
+    """Keys no storage rule can refuse (segments of letters, digits and '_-. ', none starting with '.'): these skip
+    storage.join_uri's checks, which cost as much per key as the listing itself."""
+    return _PLAIN_KEY.fullmatch(key) is not None
+
+
+def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.ObjectInfo], out_keys: _OutputKeys,
+               done: pa.Table, done_keys: pa.Array, work: Plan) -> pa.Table:
+    """One listing page against the manifest: counts the skipped, records refused keys, returns the to-do rows."""
+    outs = [out_keys(obj.key) for obj in images]
+    unsafe = [i for i, out in enumerate(outs) if not _plain_key(out)]
+    for i in reversed(unsafe):  # the storage layer decides; only keys with unusual characters get that far
+        try:
+            storage.join_uri(cfg.output_uri, outs[i])
+        except storage.UnsafeKeyError as err:
+            obj = images.pop(i)
+            outs.pop(i)
+            work.refused.append(read_stage.error_row(archives.loose_key(obj.key), obj.etag, digest, str(err)))
+    # input_key: '#' in a name is escaped (archives.loose_key), as the first '#' separates archive and member.
+    page = pa.table([[archives.loose_key(o.key) for o in images], [o.uri for o in images],
+                     [o.etag for o in images], outs, [o.size for o in images]], schema=TODO_SCHEMA)
+    if not page.num_rows or not len(done_keys):
+        return page
+    keys = page.column("input_key")
+    lo_key, hi_key = pc.min_max(keys).values()
+    lo = manifest.find_sorted(done_keys, lo_key.as_py())
+    hi = manifest.find_sorted(done_keys, hi_key.as_py(), side="right")
+    if lo == hi:
+        return page
+    near = done.slice(lo, hi - lo)  # the manifest's rows in this page's key range (sorted listing: about a page)
+    prev = near.take(pc.index_in(keys, value_set=near.column("input_key").combine_chunks()))
+    status = prev.column("status").cast(pa.string())
+    ok = pc.and_kleene(pc.is_in(status, value_set=pa.array(["ok", "skipped"])),
+                       pc.equal(prev.column("input_etag"), page.column("input_etag")))
+    ok = pc.and_kleene(ok, pc.equal(prev.column("model_digest").cast(pa.string()), pa.scalar(digest)))
+    prev_out = prev.column("output_key")
+    if tar:  # 'shard-000012.tar#a/b.png': in some shard, under the key this run would write
+        ok = pc.and_kleene(ok, pc.match_substring_regex(prev_out, _TAR_OUTPUT))
+        prev_out = pc.replace_substring_regex(prev_out, _TAR_OUTPUT, "")
+    ok = pc.fill_null(pc.and_kleene(ok, pc.equal(prev_out, page.column("output_key"))), False)
+    if cfg.verify_outputs and pc.any(ok).as_py():
+        ok = _verify_outputs(cfg, ok, pc.filter(prev.column("output_key"), ok))
+    work.num_skipped += pc.sum(ok).as_py() or 0
+    if not cfg.retry_errors:  # inputs that killed --max-attempts workers stay error rows, untouched
+        died = pc.and_kleene(pc.equal(status, pa.scalar("error")),
+                             pc.starts_with(prev.column("error").cast(pa.string()), manifest.WORKER_DIED))
+        died = pc.and_kleene(died, pc.equal(prev.column("input_etag"), page.column("input_etag")))
+        died = pc.fill_null(pc.and_kleene(died, pc.equal(prev.column("model_digest").cast(pa.string()),
+                                                          pa.scalar(digest))), False)
+        work.num_died += pc.sum(died).as_py() or 0
+        ok = pc.or_(ok, died)
+    return page.filter(pc.invert(ok))
+
+
+def _verify_outputs(cfg: ProcessConfig, ok: pa.Array, outputs: pa.Array) -> pa.Array:
+    """--verify-outputs: of the rows the manifest says are done, keep those whose output object still exists."""
+    def exists(output_key: str) -> bool:
+        name = output_key.partition("#")[0] if cfg.output_format == "tar" else output_key  # tar: the shard
+        try:
+            storage.stat(storage.join_uri(cfg.output_uri, name))
+            return True
+        except storage.StorageError as err:
+            if err.reason != "missing_object":
+                raise
+            return False
+
+    names = outputs.to_pylist()
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        found = dict(zip(set(names), pool.map(exists, set(names))))
+    flags = iter([found[n] for n in names])
+    return pa.array([bool(v) and next(flags) for v in ok.to_pylist()])
+
+
+def _archive_rows(output_uri: str, objs: list[storage.ObjectInfo]) -> dict[str, dict[str, Any]]:
+    """The manifest's rows of these archives and of their members, as read_stage.plan_archives takes them."""
+    # Unreadable files were reported (and quarantined) by the first read.
+    table = manifest.read_latest(output_uri, quarantine_bad=False, log=lambda _: None)
+    names = {o.key for o in objs}
+    row_keys = {archives.loose_key(name) for name in names}  # an archive's own row, '#' escaped
+    keys = table.column("input_key")
+    table = table.filter(pc.or_(pc.match_substring(keys, "#"),
+                                pc.is_in(keys, value_set=pa.array(sorted(row_keys), pa.string()))))
+    rows = {}
+    for row in table.to_pylist():
+        split = archives.split_member_key(row["input_key"])
+        if row["input_key"] in row_keys or (split and split[0] in names):
+            rows[row["input_key"]] = row
+    return rows
+
+
 class ProcessImages:
     """Ray Data callable class: the model loads once per actor; each call handles one batch of input rows."""
 
     def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int, tracker=None):
         import torch
 
-        from genray.inference import Predictor
+        from genray.inference import Predictor, pick_device
 
         self.cfg = ProcessConfig.model_validate(cfg)
         self.tracker = tracker
         if tracker is not None:  # an actor that dies while loading the model is restarted by Ray without limit
             starting = ray.get(tracker.actor_starting.remote())
-            if starting > self.cfg.concurrency + self.cfg.max_attempts:
-                raise JobError(f"model actors died {starting - self.cfg.concurrency} times while starting "
+            if starting > self.cfg.max_actors + self.cfg.max_attempts:
+                raise JobError(f"model actors died {starting - self.cfg.max_actors} times while starting "
                                f"(--max-attempts {self.cfg.max_attempts}): not retrying further")
         torch.set_num_threads(num_threads)
         if self.cfg.model_uri is None:  # style job with a style image: Gatys optimisation per image
@@ -160,9 +332,12 @@ class ProcessImages:
 
             self.predictor = GatysStylizer(self.cfg)
         else:
-            self.predictor = Predictor.from_uri(self.cfg.model_uri, tile=self.cfg.tile,
+            # On the GPU Ray assigned this actor (CPU when it was given none, or when CUDA is missing).
+            device = pick_device(self.cfg.gpus_per_actor > 0)
+            self.predictor = Predictor.from_uri(self.cfg.model_uri, device=device, tile=self.cfg.tile,
                                                 tile_overlap=self.cfg.tile_overlap,
-                                                batch_size=self.cfg.forward_batch_size or self.cfg.batch_size)
+                                                batch_size=self.cfg.forward_batch_size or self.cfg.batch_size,
+                                                precision=self.cfg.precision)
         if self.predictor.digest != digest:  # the artefact (or style image) was replaced after the job was planned
             raise JobError(f"{self.cfg.model_uri or self.cfg.style_image_uri}: changed while the job was starting")
         self.digest = digest
@@ -170,6 +345,8 @@ class ProcessImages:
         self.max_input_bytes = self.cfg.max_input_bytes or read_stage.max_member_bytes(self.cfg.max_pixels)
         self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="genray-io")
+        # With overlap_io two calls run at once: one forward at a time, the other call's reads and writes meanwhile.
+        self.forward_lock = threading.Lock()
         if tracker is not None:
             ray.get(tracker.actor_started.remote())
 
@@ -206,7 +383,8 @@ class ProcessImages:
         decoded = list(self.io.map(self._read, rows))
         results = [self._row(row, "error", got) for row, got in zip(rows, decoded) if isinstance(got, str)]
         good = [(row, got) for row, got in zip(rows, decoded) if not isinstance(got, str)]
-        outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])  # [2]
+        with self.forward_lock:  # [2]
+            outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])
         # [3] encode + write under the same relative key, again concurrently (Pillow and sockets release the GIL).
         results += self.io.map(self._write, good, outputs)
         return results
@@ -274,7 +452,8 @@ def actor_cpus(cfg: ProcessConfig, reserved: float = 0.5) -> float:
     """CPUs per model actor: as configured, but leave `reserved` CPUs for Ray Data's own tasks on a small cluster
     (a whole one when archives are read: an archive's read task takes one, see _dataset)."""
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.25, min(cfg.cpus_per_actor, (total - reserved) / cfg.concurrency))
+    # Sized so the MIN actors a job starts with fit now; a pool that grows gets its CPUs from the nodes that join.
+    return max(0.25, min(cfg.cpus_per_actor, (total - reserved) / cfg.min_actors))
 
 
 def actor_threads(cpus: float) -> int:
@@ -321,18 +500,22 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, 
     udf = udf or ProcessImages
     digest = meta["digest"]
     summary = JobSummary(run_id=run_id or manifest.new_run_id())
-    work = plan(cfg, digest)
-    todo, units = work.todo, work.units
-    num_skipped = sum(r.get("num_rows") is None for r in work.skipped)  # images, not the archives' own rows
-    log(f"[genray] {len(todo) + num_skipped + len(work.refused)} inputs under {cfg.input_uri}: {len(todo)} to "
-        f"process, {num_skipped} already done with model {digest[:19]}, {len(work.refused)} refused"
-        + (f"; {len(units)} archives to read (their members are counted as they stream)" if units else ""))
     if cfg.dry_run:
-        for row in todo:
-            log(f"  would process {row['input_key']} -> {row['output_key']}")
+        def sink(table: pa.Table) -> None:  # the dry run logs each block as it is planned and keeps nothing
+            for key, out in zip(table.column("input_key").to_pylist(), table.column("output_key").to_pylist()):
+                log(f"  would process {key} -> {out}")
+    else:
+        sink = ray.put  # blocks go to the object store as they are planned: the driver keeps only their refs
+    work = plan(cfg, digest, sink, log)
+    units = work.units
+    log(f"[genray] {work.num_todo + work.num_skipped + len(work.refused)} inputs under {cfg.input_uri}: "
+        f"{work.num_todo} to process, {work.num_skipped} already done with model {digest[:19]}, "
+        f"{len(work.refused)} refused"
+        + (f"; {len(units)} archives to read (their members are counted as they stream)" if units else ""))
+    summary.counts.update(skipped=work.num_skipped, error=work.num_died)
+    if cfg.dry_run:
         for unit in units:
             log(f"  would read archive {unit['key']} ({unit['size']:,} bytes, {len(unit['done'])} members done)")
-        summary.counts.update(skipped=num_skipped)
         return summary
 
     try:  # a missing output bucket is the user's to create: fail before any work, naming it
@@ -340,15 +523,17 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, 
     except storage.StorageError as err:
         raise JobError(f"output {err}") from None
     started = time.perf_counter()
-    part, pending, last_flush = 0, work.skipped + work.refused, time.monotonic()
+    # Skipped inputs get no new row: the row of the run that made their output stays (rewriting it would make a
+    # rerun of a ten-million-input job write ten million rows).
+    part, pending, last_flush = 0, list(work.refused), time.monotonic()
     for row in pending:
         summary.record(row)
-    if todo or units:
+    if work.todo or units:
         tracker = ray.remote(num_cpus=0)(AttemptTracker).remote()
         ds = _dataset(cfg, work, digest, udf, log, tracker)
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
-                                         cfg.shard_bytes)
-        progress = Progress(None if units else len(todo), log)
+                                     cfg.shard_bytes)
+        progress = Progress(None if units else work.num_todo, log)
         try:
             for row in ds.iter_rows():
                 row = {c: _plain(row[c]) for c in row}
@@ -373,19 +558,19 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, 
             # Keep what finished: rerunning the same command then redoes only the rest.
             rows.abort()
             manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
-            manifest.compact(cfg.output_uri, summary.run_id)
+            manifest.compact(cfg.output_uri, summary.run_id, log)
             raise JobError(f"the job failed after {sum(progress.counts.values())} of {progress.total or '?'} images "
-                           f"(rerun the same command to resume): {_root_cause(err)}") from err
+                           f"(rerun the same command to resume): {ray_error_line(err)}") from err
     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
     summary.seconds = time.perf_counter() - started
-    summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id)
+    summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id, log)
     return summary
 
 
 def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracker=None) -> ray.data.Dataset:
     """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
     cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
-    # Start every model actor before any data flows (Ray Data otherwise starts them in the background and the
+    # Start the MIN model actors before any data flows (Ray Data otherwise starts them in the background and the
     # first one ready takes the work, leaving the others idle on a short job); long enough for an autoscaling
     # cluster to add a node, after which a pool that cannot be placed fails with Ray's reason.
     ctx = ray.data.DataContext.get_current()
@@ -393,13 +578,17 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
     # Hand each batch to the least busy actor rather than to one on the node that holds the batch: the inputs
     # are small next to the model's work, and locality piles a short job onto a single actor.
     ctx.execution_options.actor_locality_enabled = False
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if cfg.concurrency * cpus > total:
-        log(f"[genray] {cfg.concurrency} model actors x {cpus:g} CPUs do not fit in the cluster's {total:g} CPUs "
-            f"now: waiting up to {ACTOR_START_TIMEOUT_S} s for more nodes (lower --concurrency otherwise)")
+    resources = ray.cluster_resources()
+    for name, per_actor in (("CPU", cpus), ("GPU", cfg.gpus_per_actor)):
+        total = resources.get(name, 0.0)
+        if per_actor and cfg.min_actors * per_actor > total:
+            log(f"[genray] {cfg.min_actors} model actors x {per_actor:g} {name}s do not fit in the cluster's "
+                f"{total:g} {name}s now: waiting up to {ACTOR_START_TIMEOUT_S} s for more nodes (lower "
+                f"--concurrency{' or --gpus-per-actor' if name == 'GPU' else ''} otherwise)")
     if work.units:
         # One read task per archive (and per group of loose images), each streaming its rows out in small blocks.
-        units = work.units + read_stage.file_units(work.todo)
+        todo = [row for ref in work.todo for row in ray.get(ref).to_pylist()]
+        units = work.units + read_stage.file_units(todo)
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
         ds = ds.map_batches(read_stage.read_units, batch_size=1,
                             fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
@@ -411,20 +600,33 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
         # (repartition takes no num_cpus), which is why actor_cpus reserves a whole CPU here.
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     else:
-        ds = ray.data.from_items(work.todo, override_num_blocks=max(1, min(len(work.todo) // cfg.batch_size, 64)))
+        # The planned blocks as they are in the object store: nothing is gathered on the driver.
+        ds = ray.data.from_arrow_refs(work.todo)
+    overlap = cfg.overlap_io if cfg.overlap_io is not None else cfg.gpus_per_actor > 0
+    if cfg.min_actors == cfg.max_actors:
+        pool = ray.data.ActorPoolStrategy(size=cfg.min_actors, **_overlap_args(overlap))
+    else:  # Ray Data adds actors (up to MAX) while batches wait and the cluster has room, e.g. a node joined
+        pool = ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors, **_overlap_args(overlap))
     return ds.map_batches(
         udf,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
                                "num_threads": actor_threads(cpus), "tracker": tracker},
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        compute=pool,
         num_cpus=cpus,
+        # Ray hides GPUs from a worker that asked for none: without this, GPU nodes would run the model on CPU.
+        num_gpus=cfg.gpus_per_actor or None,
         # Ray Data restarts dead actors and retries their batches without limit; AttemptTracker bounds what one
         # input can cost, so a batch needs at most one try per attempt of each of its inputs, plus the first.
         max_task_retries=cfg.batch_size * cfg.max_attempts + 1,
         # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
         # loses fewer of them (the manifest's node_id column shows where each image ran).
     )
+
+
+def _overlap_args(overlap: bool) -> dict[str, Any]:
+    """Two calls per actor (threads), so decoding and encoding run while the other call's forward holds the lock."""
+    return {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if overlap else {}
 
 
 class Progress:
@@ -451,14 +653,6 @@ class Progress:
             return
         bar = "#" * round(self.WIDTH * done / max(self.total, 1))
         self.log(f"[genray] [{bar:<{self.WIDTH}}] {done}/{self.total} {counts}, {(self.total - done) / rate:.0f}s left")
-
-
-def _root_cause(err: BaseException) -> str:
-    """The last line of the innermost error: Ray wraps a worker's exception in pages of traceback."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(err).__name__
 
 
 def _plain(value: Any) -> Any:

@@ -14,15 +14,9 @@ from genray.serving.gateway import Gateway
 from genray.serving.deployments import (ClassifierDeployment, GeneratorDeployment, ImageDeployment,
                                         StylePoolDeployment)
 
-# Task in model.json -> (deployment class, route kind the gateway serves it under).
-KINDS = {
-    "denoise": (ImageDeployment, "image"),
-    "superres": (ImageDeployment, "image"),
-    "reconstruct": (ImageDeployment, "image"),  # dense autoencoders: image in, its reconstruction out
-    "style": (ImageDeployment, "image"),  # one style network under its name (many: `styles`, multiplexed)
-    "generate": (GeneratorDeployment, "generator"),
-    "classify": (ClassifierDeployment, "classifier"),
-}
+# The route kind a task gets (genray.models.TASKS) -> the deployment class that serves it. A style network
+# given under `models` is served on its own; many styles go under `styles`, multiplexed over one pool.
+DEPLOYMENTS = {"image": ImageDeployment, "generator": GeneratorDeployment, "classifier": ClassifierDeployment}
 
 
 def deployment_options(opts: DeploymentOptions, name: str, overload_status_code: int,
@@ -51,6 +45,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     deployment at once with a clear message instead of a replica crash loop."""
     from genray.model_artifact import read_meta
     from genray.models import get_spec
+    from genray.tasks import TASKS
 
     cfg = ServeAppConfig.model_validate(args)
     overload = {"overload_status_code": cfg.overload_status_code, "retry_after_s": cfg.retry_after_s}
@@ -58,12 +53,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     models = {}
     for name, m in cfg.models.items():
         spec = get_spec(read_meta(m.uri)["family"])
-        if spec.task not in KINDS:
-            raise ValueError(f"models.{name}: {m.uri} is a {spec.name} ({spec.task}), which genray does not "
-                             f"serve; servable tasks: {', '.join(KINDS)}")
-        deployment, kind = KINDS[spec.task]
-        routes[name] = {"kind": kind, "family": spec.name, "task": spec.task, "scale": spec.scale}
-        models[name] = deployment.options(**deployment_options(m, f"model-{name}", **overload)).bind(
+        kind = TASKS[spec.task].route
+        routes[name] = {"kind": kind, "family": spec.name, "task": spec.task, "scale": spec.scale,
+                        "reconstructs": spec.reconstruct is not None}
+        models[name] = DEPLOYMENTS[kind].options(**deployment_options(m, f"model-{name}", **overload)).bind(
             m.model_dump(mode="json"))
     styles = None
     if cfg.styles is not None:

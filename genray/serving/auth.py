@@ -4,6 +4,7 @@ dashboard and in `serve status`): only from the ingress replica's environment or
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from pathlib import Path
 
@@ -16,12 +17,24 @@ class TokenError(RuntimeError):
 
 
 def load_token(token_file: str | None = None) -> str | None:
-    """$GENRAY_SERVE_TOKEN, else the file named by $GENRAY_SERVE_TOKEN_FILE, else `token_file`; None if none."""
-    value = os.environ.get(TOKEN_ENV, "").strip()
-    if value:
+    """$GENRAY_SERVE_TOKEN, else the file named by $GENRAY_SERVE_TOKEN_FILE, else `token_file`; None if none.
+
+    A source that is set but blank (an empty or whitespace variable, file name or file) is a TokenError, never
+    "no token": a secret that failed to render must not silently turn the check off."""
+    if TOKEN_ENV in os.environ:
+        value = os.environ[TOKEN_ENV].strip()
+        if not value:
+            raise TokenError(f"${TOKEN_ENV} is set but blank; unset it or give the token")
         return value
-    path = os.environ.get(TOKEN_FILE_ENV) or token_file
-    if not path:
+    if TOKEN_FILE_ENV in os.environ:
+        path = os.environ[TOKEN_FILE_ENV].strip()
+        if not path:
+            raise TokenError(f"${TOKEN_FILE_ENV} is set but blank; unset it or name the token file")
+    elif token_file is not None:
+        path = token_file.strip()
+        if not path:
+            raise TokenError("token_file is blank; remove it or name the token file")
+    else:
         return None
     try:
         value = Path(path).read_text().strip()
@@ -30,6 +43,24 @@ def load_token(token_file: str | None = None) -> str | None:
     if not value:
         raise TokenError(f"the bearer token file {path} is empty")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
+
+
+def open_access_error(host: str | None, token: str | None, insecure: bool) -> str | None:
+    """Why the gateway must not start: it would listen on `host` beyond loopback with no token (None if fine)."""
+    if token is not None or insecure or host is None or is_loopback(host):
+        return None
+    return (f"listening on {host} without a bearer token: anyone who can reach the port could use the models; "
+            f"set {TOKEN_ENV} or {TOKEN_FILE_ENV} (or token_file), or pass --insecure / set insecure: true to "
+            "serve it open on purpose")
 
 
 class BearerAuth:

@@ -1,7 +1,6 @@
 """Run a Serve config file (the same file `serve run` / `serve deploy` read) on the connected Ray."""
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Any
 
@@ -9,7 +8,7 @@ from ray import serve
 
 from genray.config import ServeFileConfig
 from genray.serving.app import build_app
-from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, is_loopback  # noqa: F401 (is_loopback re-exported)
 
 
 class DeployError(RuntimeError):
@@ -36,21 +35,15 @@ def run_serve_config(cfg: ServeFileConfig) -> str:
     return f"http://{cfg.http_options.host}:{cfg.http_options.port}"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: assume it is reachable from elsewhere
-        return False
-
-
 def open_access_warning(cfg: ServeFileConfig) -> str | None:
-    """A warning when the server listens beyond loopback with no token anywhere in sight (the gateway reads the
-    token in its own replica; on a local Ray that replica inherits this environment)."""
-    if is_loopback(cfg.http_options.host) or os.environ.get(TOKEN_ENV) or os.environ.get(TOKEN_FILE_ENV):
+    """Why this config must not start as it is: it listens beyond loopback with no token anywhere in sight (the
+    gateway reads the token in its own replica; on a local Ray that replica inherits this environment). None when
+    the host is loopback, a token source is set, or every application says `insecure: true`."""
+    if is_loopback(cfg.http_options.host) or os.environ.get(TOKEN_ENV, "").strip() \
+            or os.environ.get(TOKEN_FILE_ENV, "").strip():
         return None
-    if all(app.args.token_file or app.args.require_token for app in cfg.applications):
+    if all(app.args.token_file or app.args.require_token or app.args.insecure for app in cfg.applications):
         return None
     return (f"listening on {cfg.http_options.host} without a bearer token: anyone who can reach the port can use "
-            f"the models (set {TOKEN_ENV} or {TOKEN_FILE_ENV}, and require_token: true)")
+            f"the models (set {TOKEN_ENV} or {TOKEN_FILE_ENV}, and require_token: true; or --insecure to serve it "
+            "open on purpose)")

@@ -2,7 +2,7 @@
 
 ImageDeployment: image -> image through the shared Predictor (denoise, superres, dense-AE reconstruction, one style).
 StylePoolDeployment: many fast style networks multiplexed over one pool of replicas (@serve.multiplexed).
-GeneratorDeployment: DCGAN / VAE samples, and the VAE's reconstruct / interpolate.
+GeneratorDeployment: DCGAN / VAE samples, and reconstruct / interpolate for families that have them (the VAE).
 ClassifierDeployment: class probabilities of the stacked-autoencoder classifier.
 Replicas answer with PNG bytes: encoding runs beside the forward pass, off the gateway's event loop.
 """
@@ -13,11 +13,10 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from ray import serve
 
 from genray.config import DeploymentOptions, ModelServeConfig, StylePoolConfig
-from genray.images import encode_png, make_grid
+from genray.images import encode_png, make_grid, resize
 
 RECENT = 100  # batch sizes kept per replica, for GET /models and the batching test
 
@@ -34,6 +33,11 @@ class _Replica:
             method.set_max_batch_size(opts.max_batch_size)
             method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """An upload resized to the fixed input of the model (its spec's image_size) and its channels."""
+        side = self.spec.image_size(self.model_cfg)
+        return resize(image, side, side, channels=self.spec.in_channels(self.model_cfg))
 
     def _load_artifact(self, cfg: dict[str, Any], *batched_methods) -> None:
         """For the families the Predictor does not cover: config, threads and batching, then the artefact."""
@@ -64,16 +68,6 @@ def _artifact_info(uri: str, meta: dict[str, Any]) -> dict[str, Any]:
             "metrics": meta.get("metrics", {})}
 
 
-def fit_image(image: np.ndarray, side: int, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (side, side, channels) for fixed-size models: bicubic resize, grey <-> RGB."""
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    pil = pil.convert("L" if channels == 1 else "RGB")
-    if pil.size != (side, side):
-        pil = pil.resize((side, side), Image.Resampling.BICUBIC)
-    array = np.asarray(pil, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
 def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
     """(N, H, W, C) uint8 -> one PNG grid, about square unless nrow is given."""
     return encode_png(make_grid(list(images), nrow=nrow or math.ceil(math.sqrt(len(images)))))
@@ -87,16 +81,57 @@ class ImageDeployment(_Replica):
         from genray.inference import Predictor
 
         self.cfg = ModelServeConfig.model_validate(cfg)
-        self._setup(self.cfg, self.__call__)
+        self._setup(self.cfg, self._batched)
         self.predictor = Predictor.from_uri(self.cfg.uri, tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
                                             batch_size=self.cfg.max_batch_size)
         self.meta = self.predictor.meta
+        self.num_abandoned = 0  # forwards stopped part-way because every request in them was cancelled
+        # A large image is many tile batches; the check between them lets a forward whose requests all timed out
+        # (the gateway's 504 cancels them) stop instead of running to the end in its thread.
+        forward = self.predictor._forward
+        self._batch_requests: list[_Request] = []
+
+        def checked_forward(batch):
+            if self._batch_requests and all(r.cancelled for r in self._batch_requests):
+                raise _Abandoned()
+            return forward(batch)
+
+        self.predictor._forward = checked_forward
+
+    async def __call__(self, image: np.ndarray) -> bytes:
+        request = _Request()
+        try:
+            return await self._batched(image, request)
+        except asyncio.CancelledError:
+            request.cancelled = True  # read by the forward thread between tile batches
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[np.ndarray]) -> list[bytes]:
+    async def _batched(self, images: list[np.ndarray], requests: list["_Request"]) -> list[bytes]:
         self._record_batch(len(images))
+        self._batch_requests = requests  # one batch at a time per replica (@serve.batch's default)
+
+        def run() -> list[bytes]:
+            try:
+                return [encode_png(y) for y in self.predictor(images)]
+            except _Abandoned:
+                self.num_abandoned += 1
+                raise RuntimeError("abandoned: every request in this batch was cancelled") from None
+
         # In a thread: the replica's event loop keeps accepting (and batching) requests during the forward pass.
-        return await asyncio.to_thread(lambda: [encode_png(y) for y in self.predictor(images)])
+        return await asyncio.to_thread(run)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "num_abandoned_forwards": self.num_abandoned}
+
+
+class _Request:
+    """One request's cancellation flag, shared with the forward thread."""
+    cancelled = False
+
+
+class _Abandoned(Exception):
+    pass
 
 
 class _LoadedStyle:
@@ -174,27 +209,23 @@ class GeneratorDeployment(_Replica):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def reconstruct(self, images: list[np.ndarray]) -> list[bytes]:
-        from genray.models import vae
-
-        self._require_vae()
+        self._require(self.spec.reconstruct, "reconstruct")
         self._record_batch(len(images))
-        side, channels = self.model_cfg.image_size, self.model_cfg.channels
 
         def run() -> list[bytes]:
-            fitted = [fit_image(im, side, channels) for im in images]
-            return [encode_png(y) for y in vae.reconstruct(self.model, fitted)]
+            fitted = [self._fit(im) for im in images]
+            return [encode_png(y) for y in self.spec.reconstruct(self.model, fitted, self.model_cfg)]
 
         return await asyncio.to_thread(run)
 
     async def interpolate(self, steps: int, seed: int) -> bytes:
-        from genray.models import vae
+        self._require(self.spec.interpolate, "interpolate")
+        return await asyncio.to_thread(
+            lambda: grid_png(self.spec.interpolate(self.model, steps, seed, self.model_cfg), nrow=steps))
 
-        self._require_vae()
-        return await asyncio.to_thread(lambda: grid_png(vae.interpolate(self.model, steps, seed), nrow=steps))
-
-    def _require_vae(self) -> None:
-        if self.spec.name != "vae":  # the gateway routes only VAEs here; this guards direct handle calls
-            raise ValueError(f"{self.spec.name} is not a VAE")
+    def _require(self, hook, what: str) -> None:
+        if hook is None:  # the gateway routes here only models that can; this guards direct handle calls
+            raise ValueError(f"a {self.spec.name} model cannot {what}")
 
 
 @serve.deployment(max_constructor_retry_count=3)
@@ -214,8 +245,7 @@ class ClassifierDeployment(_Replica):
 
         from genray.images import to_float
 
-        side, channels = self.model_cfg.image_size, self.model_cfg.channels
-        x = to_float(np.stack([fit_image(im, side, channels) for im in images]), self.spec.value_range)
+        x = to_float(np.stack([self._fit(im) for im in images]), self.spec.value_range)
         with torch.inference_mode():
             probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device)), dim=1).cpu().numpy()  # (B, K)
         return [{"label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]

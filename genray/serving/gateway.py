@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from genray import __version__
 from genray.config import ServeAppConfig
 from genray.images import ImageError, ImageTooLargeError, decode_image
-from genray.serving.auth import BearerAuth, load_token
+from genray.serving.auth import BearerAuth, load_token, open_access_error
 
 # Declared for OpenAPI (an "Authorize" button in /docs); the check itself is Gateway._authorize.
 _bearer = HTTPBearer(auto_error=False, description="needed when the server has a token configured")
@@ -44,6 +44,16 @@ async def _invalid_parameters(request: Request, err: RequestValidationError) -> 
     return JSONResponse({"detail": reasons}, status_code=400)
 
 
+def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxies listen on, asked of the Serve controller; None if it cannot be told."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - no controller reachable: `genray serve` has checked the host already
+        return None
+
+
 def _png(data: bytes, **headers: str) -> Response:
     return Response(data, media_type="image/png", headers=headers or None)
 
@@ -56,10 +66,14 @@ class Gateway:
         """routes: model name -> {"kind": image|generator|classifier, "family", "task", "scale"} (from build_app)."""
         self.cfg = ServeAppConfig.model_validate(cfg)
         self.routes, self.models, self.styles = routes, models, styles
-        token = load_token(self.cfg.token_file)
+        token = load_token(self.cfg.token_file)  # a blank token source raises TokenError: it is never "no token"
         if token is None and self.cfg.require_token:
             raise RuntimeError("require_token is set but no bearer token was found ($GENRAY_SERVE_TOKEN, "
                                "$GENRAY_SERVE_TOKEN_FILE or token_file)")
+        # Checked here as well as in `genray serve`, so `serve run` / `serve deploy` of the same config refuse too.
+        refusal = open_access_error(_proxy_host(), token, self.cfg.insecure)
+        if refusal:
+            raise RuntimeError(refusal)
         self.auth = BearerAuth(token)
 
     # -- the checks every route makes ---------------------------------------------------------------------
@@ -68,26 +82,48 @@ class Gateway:
         if not self.auth.allows(request.headers.get("authorization")):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def _model(self, name: str, kind: str, family: str | None = None) -> DeploymentHandle:
-        route = self.routes.get(name)
-        if route is None or route["kind"] != kind or (family and route["family"] != family):
-            served = sorted(n for n, r in self.routes.items() if r["kind"] == kind and family in (None, r["family"]))
-            what = f"{family or kind} model"
+    def _model(self, name: str, kind: str, reconstructs: bool = False) -> DeploymentHandle:
+        """The deployment serving `name` as a `kind` model (with `reconstructs`: one that can encode and decode,
+        i.e. a VAE); a 404 listing the names that would fit otherwise."""
+        def fits(route: dict | None) -> bool:
+            return route is not None and route["kind"] == kind and (route["reconstructs"] or not reconstructs)
+
+        if not fits(self.routes.get(name)):
+            served = sorted(n for n, r in self.routes.items() if fits(r))
+            what = "vae model" if reconstructs else f"{kind} model"
             raise HTTPException(404, f"no {what} {name!r}; served: {', '.join(served) or 'none'}")
         return self.models[name]
 
-    async def _read_image(self, request: Request) -> np.ndarray:
+    async def _read_body(self, request: Request) -> bytes:
+        """The upload, within max_body_bytes (413) and body_read_timeout_s (408), held once: the chunks are joined
+        into one bytes object (which decode_image reads in place) and dropped, so no second copy lives on."""
+        limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
-            raise HTTPException(413, f"body of {declared} bytes is over the {self.cfg.max_body_bytes}-byte limit")
-        body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives, so a lying Content-Length cannot get past
-            body += chunk
-            if len(body) > self.cfg.max_body_bytes:
-                raise HTTPException(413, f"body is over the {self.cfg.max_body_bytes}-byte limit")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit (max_body_bytes)")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.cfg.body_read_timeout_s):
+                async for chunk in request.stream():  # counted as it arrives: a lying Content-Length cannot pass
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPException(413, f"body is over the {limit}-byte limit (max_body_bytes)")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPException(408, f"upload not received within {self.cfg.body_read_timeout_s:g} s "
+                                     f"(body_read_timeout_s); {size:,} bytes arrived",
+                                headers={"Connection": "close"}) from None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return body
+
+    async def _read_image(self, request: Request) -> np.ndarray:
+        body = await self._read_body(request)
         try:
             # Off the event loop: a large image takes a while to decode, and other requests keep flowing.
-            return await asyncio.to_thread(decode_image, bytes(body), None, self.cfg.max_pixels)
+            # decode_image applies the same limits as bulk jobs (format allowlist, pixel and memory bounds).
+            return await asyncio.to_thread(decode_image, body, None, self.cfg.max_pixels)
         except ImageTooLargeError as err:
             raise HTTPException(413, str(err)) from None
         except ImageError as err:
@@ -139,16 +175,16 @@ class Gateway:
                        seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
         """n samples of a DCGAN or VAE as a PNG grid; the same seed gives the same image (X-Seed says which)."""
         self._authorize(request)
-        handle = self._model(model, "generator")
+        handle, n = self._model(model, "generator"), self._count(n, "n", 1)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        grid = await self._answer(handle.generate.remote(self._count(n, "n", 1), seed))
+        grid = await self._answer(handle.generate.remote(n, seed))
         return _png(grid, **{"X-Seed": str(seed)})
 
     @api.post("/vae/{model}/reconstruct", responses=_PNG, openapi_extra=_IMAGE_BODY)
     async def vae_reconstruct(self, model: str, request: Request) -> Response:
         """The VAE's reconstruction decode(mu) of the upload, resized to the VAE's image size and channels."""
         self._authorize(request)
-        handle = self._model(model, "generator", family="vae")
+        handle = self._model(model, "generator", reconstructs=True)
         image = await self._read_image(request)
         return _png(await self._answer(handle.reconstruct.remote(image)))
 
@@ -157,9 +193,9 @@ class Gateway:
                               seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
         """Decodings along the line between two latents drawn with `seed`, as one row of `steps` images."""
         self._authorize(request)
-        handle = self._model(model, "generator", family="vae")
+        handle, steps = self._model(model, "generator", reconstructs=True), self._count(steps, "steps", 2)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        strip = await self._answer(handle.interpolate.remote(self._count(steps, "steps", 2), seed))
+        strip = await self._answer(handle.interpolate.remote(steps, seed))
         return _png(strip, **{"X-Seed": str(seed)})
 
     @api.post("/classify/{model}", openapi_extra=_IMAGE_BODY)

@@ -3,11 +3,12 @@ init_training / train_step / sample_grid, and this loop does data sharding, DDP,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
 import ray.train.torch
@@ -15,20 +16,14 @@ import torch
 import torch.distributed as dist
 
 from genray.config import TrainConfig, TrainParams
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec
-from genray.models.data import build_dataset, fixed_batch
+from genray.models.data import fixed_batch, prepare_items
+from genray.models.layers import unwrap
 from genray.training import outputs
+from genray.training.data import MAX_ERROR_KEYS, sample_seed, training_batches
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def load_training_data(cfg: TrainConfig, spec) -> Dataset:
-    """The family's training dataset over every image under data.uri (labels from a <label>/ folder layout)."""
-    images, keys = read_image_prefix(cfg.data.uri, channels=spec.in_channels(cfg.model), limit=cfg.data.limit)
-    return build_dataset(spec, images, labels_from_keys(keys), cfg.model)
+FIXED_ROWS_KEY = "fixed_rows"  # train_loop_config entry beside the config: the sample grid's images (driver-read)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -57,6 +52,78 @@ def worker_placement() -> dict[str, list]:
     return {"worker_pids": [w["pid"] for w in everyone], "worker_nodes": [w["node_id"] for w in everyone]}
 
 
+def all_workers_have(has_batch: bool, device: torch.device) -> bool:
+    """True while every worker has a batch for this step. DDP needs the same step count everywhere, and the
+    shards may differ by the files a worker skipped: a worker that runs out ends the epoch for all."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return has_batch
+    flag = torch.tensor([1 if has_batch else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def gather(values: list[Any]) -> list[Any]:
+    """Every worker's `values` concatenated in rank order (on every rank), e.g. the files each one skipped."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, values)
+    return [e for worker in everyone for e in worker]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), recorded per epoch: streaming keeps it flat in the data size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device, scaler: "torch.amp.GradScaler | None") -> Iterator[None]:
+    """The train step under autocast (bf16/fp16; fp32: nothing). With fp16 every `loss.backward()` in the
+    family's train_step runs on the scaled loss and every optimizer step goes through the GradScaler (unscale,
+    skip on inf/nan), then the scale is updated once per train step. Families own their update (a GAN's D then G
+    in one function), so the loop applies the scaler around it rather than asking each family to."""
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if scaler is None:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+        return
+    backward = torch.Tensor.backward
+
+    def scaled_backward(tensor, *args, **kwargs):
+        return backward(scaler.scale(tensor), *args, **kwargs)
+
+    torch.Tensor.backward = scaled_backward
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+    finally:
+        torch.Tensor.backward = backward
+
+
+class ScaledOptimizer:
+    """fp16: an optimizer whose step() goes through the GradScaler (grads unscaled first, the step skipped when
+    they hold inf/nan); everything else (zero_grad, param_groups, state_dict) is the optimizer's own."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler"):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def step(self, *args, **kwargs):
+        return self.scaler.step(self.optimizer, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+
 def lr_factor(train: TrainParams, epoch: int) -> float:
     """The schedule's multiplier on each optimizer's initial lr for 1-based `epoch` (a function of the epoch
     alone, so a resumed run continues the same curve). Cosine: 1 at epoch 1, approaching lr_min_factor as the
@@ -67,11 +134,18 @@ def lr_factor(train: TrainParams, epoch: int) -> float:
     return train.lr_min_factor + (1 - train.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module  # DDP keeps the real model in .module
+def fixed_grid_batch(spec, cfg: TrainConfig, rows: list) -> Any:
+    """The sample grid's batch: items of the driver-read first images, prepared as in epoch 0 (the same in every
+    epoch and after a resume)."""
+    items = [item for image, label, key in rows
+             for item in prepare_items(spec, image, None if label < 0 else label, cfg.model,
+                                       sample_seed(cfg.train.seed, 0, key))]
+    return fixed_batch(items, cfg.train.num_samples)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    config = dict(config)
+    fixed_rows = config.pop(FIXED_ROWS_KEY, [])
     cfg = TrainConfig.model_validate(config)  # validated again here: the worker may run other code than the driver
     spec = get_spec(cfg.model.family)
     ctx = ray.train.get_context()
@@ -81,15 +155,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Each worker gets one intra-op thread by default on CPU-only clusters; honour what Ray reserved.
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-    # [1] Data: every worker reads the prefix; a DistributedSampler gives each an equal shard (DDP needs equal
-    # step counts), reshuffled every epoch.
-    dataset = load_training_data(cfg, spec)
-    if len(dataset) < world:
-        raise ValueError(f"{cfg.data.uri}: {len(dataset)} training items cannot be split over {world} workers")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
-                                 drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler)
-    fixed = to_device(fixed_batch(dataset, cfg.train.num_samples), device)  # the same items in every grid
+    # [1] Data: this worker's shard of the Ray Data dataset the driver built (read and decoded by Ray Data tasks,
+    # an equal share of the rows per worker, reshuffled every epoch); batches are prepared as they stream.
+    shard = ray.train.get_dataset_shard("train")
+    fixed = to_device(fixed_grid_batch(spec, cfg, fixed_rows), device) if rank == 0 and fixed_rows else None
 
     # [2] Modules and optimizers; resume from the latest checkpoint if this run has one.
     state = spec.init_training(cfg.model, cfg.train.lr)
@@ -120,15 +189,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if torch.is_tensor(v) and k != "step":
                     s[k] = v.to(device)
 
+    # fp16 needs a GradScaler (small gradients underflow in half precision); bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    if scaler is not None:
+        state.optimizers = {name: ScaledOptimizer(opt, scaler) for name, opt in state.optimizers.items()}
     placement = worker_placement()
 
     # [3] Epochs.
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         for m in state.modules.values():
             m.train()
-        sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # e.g. new random crops
         state.epoch = epoch
         factor = lr_factor(cfg.train, epoch)
         for opt in state.optimizers.values():
@@ -136,20 +206,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 group["lr"] = group["initial_lr"] * factor
         started = time.perf_counter()
         sums: dict[str, float] = {}
-        num_steps, num_items = 0, 0
-        for batch in loader:
+        num_steps, num_items, errors = 0, 0, []
+        batches = training_batches(shard, spec, cfg, epoch, rank, errors)
+        while all_workers_have((batch := next(batches, None)) is not None, device):
             batch = to_device(batch, device)
-            losses = spec.train_step(state, batch)
+            with autocast(cfg.train.precision, device, scaler):
+                losses = spec.train_step(state, batch)
+            if scaler is not None:
+                scaler.update()
             state.step += 1
             num_steps += 1
             num_items += len(batch) if torch.is_tensor(batch) else len(batch[0])
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
+        for _ in batches:  # stopped by another worker's end: the rows left (a short batch at most) are only counted
+            pass
+        if num_steps == 0:
+            raise ValueError(f"{cfg.data.uri}: no training batch reached worker {rank} of {world} in epoch "
+                             f"{epoch} (fewer usable images than workers?)")
         seconds = time.perf_counter() - started
         metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
+        errors = gather(errors)
         metrics.update(epoch=epoch, step=state.step, lr_factor=round(factor, 6), epoch_seconds=round(seconds, 4),
                        images_per_s=round(num_items * world / max(seconds, 1e-9), 2), world_size=world,
+                       data_errors=len(errors), worker_peak_rss_mb=max(gather([peak_rss_mb()])),
                        **placement)
+        if errors:
+            metrics["data_error_keys"] = errors[:MAX_ERROR_KEYS]  # all of them are in the workers' logs
         if checkpoint and epoch == start_epoch + 1:
             metrics["resumed_after_epoch"] = start_epoch  # this attempt started from a checkpoint
         history.append(metrics)
@@ -164,7 +247,8 @@ def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, r
         ray.train.report(metrics)
         return
     modules = {name: unwrap(m).eval() for name, m in state.modules.items()}
-    outputs.write_sample_grid(cfg.output_uri, epoch, spec.sample_grid(modules, fixed, cfg.model))
+    if fixed is not None:
+        outputs.write_sample_grid(cfg.output_uri, epoch, spec.sample_grid(modules, fixed, cfg.model))
     outputs.write_metrics(cfg.output_uri, history)
     outputs.write_loss_plot(cfg.output_uri, history)
     losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +13,12 @@ from ray.train.torch import TorchTrainer
 from genray import storage
 from genray.model_artifact import save_artifact
 from genray.config import TrainConfig
-from genray.datasets import labels_from_keys, read_image_prefix
 from genray.models import get_spec
+from genray.runtime import ray_error_line
 from genray.training import outputs
-from genray.training.loop import CHECKPOINT_FILE, train_loop_per_worker
+from genray.datasets import TrainingDataError, read_images
+from genray.training.data import build_dataset, fixed_rows
+from genray.training.loop import CHECKPOINT_FILE, FIXED_ROWS_KEY, train_loop_per_worker
 
 
 class TrainingError(RuntimeError):
@@ -32,14 +33,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def worker_error_line(err: BaseException) -> str:
-    """The worker's own exception line (e.g. 'ValueError: no images under s3://...') out of Ray's long report."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    ours = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)
-            and not line.startswith(("ray.", "TrainingFailedError", "WorkerGroupError", "ControllerError"))]
-    return ours[-1] if ours else (lines[0] if lines else type(err).__name__)
-
-
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     checkpoints_uri = storage.join_uri(cfg.output_uri, "checkpoints")
     try:  # fail before starting workers if the output bucket is missing or unreadable
@@ -47,9 +40,20 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     except storage.StorageError as err:
         raise TrainingError(f"output {err}") from None
     fs, path = storage.pyarrow_filesystem(checkpoints_uri)
+    # The data: listed here, read and decoded by Ray Data tasks, streamed to the workers (get_dataset_shard).
+    # The few images of the sample grid are read here, once, so every epoch (and a resumed run) shows the same.
+    channels = get_spec(cfg.model.family).in_channels(cfg.model)
+    try:
+        dataset = build_dataset(cfg, channels)
+        grid_rows = fixed_rows(cfg, channels)
+    except (TrainingDataError, storage.StorageError) as err:
+        raise TrainingError(str(err)) from None
+    except Exception as err:  # a materialised read that failed in a Ray Data task (data.on_error=fail)
+        raise TrainingError(f"reading {cfg.data.uri} failed: {ray_error_line(err)}") from None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump_plain(),
+        train_loop_config={**cfg.model_dump_plain(), FIXED_ROWS_KEY: grid_rows},
+        datasets={"train": dataset},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -78,7 +82,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     try:
         result = build_trainer(cfg).fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"training run {cfg.name!r} failed: {worker_error_line(err)}") from None
+        raise TrainingError(f"training run {cfg.name!r} failed: {ray_error_line(err)}") from None
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
 
@@ -91,15 +95,18 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     # [3] Quality on held-out images, then the artefact.
     metrics: dict[str, Any] = {k: v for k, v in saved["history"][-1].items()}
-    if cfg.data.held_out_uri:
-        images, keys = read_image_prefix(cfg.data.held_out_uri, channels=spec.in_channels(cfg.model))
-        labels = labels_from_keys(keys)
+    if cfg.data.held_out_uri:  # small by nature: read in this process, any input form the training data takes
+        try:
+            images, labels, _ = read_images(cfg.data.held_out_uri, spec.in_channels(cfg.model), cfg.data)
+        except (TrainingDataError, storage.StorageError) as err:
+            raise TrainingError(f"held-out data: {err}") from None
         metrics.update(spec.evaluate(model, images, labels, cfg.model))
         for name, data in (spec.extra_outputs(model, images, labels, cfg.model) if spec.extra_outputs else {}).items():
             storage.write_bytes(storage.join_uri(cfg.output_uri, name), data)
     model_uri = storage.join_uri(cfg.output_uri, "model")
     save_artifact(model_uri, spec, cfg.model, model, metrics,
                   extra={"train": cfg.train.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+                         "precision": cfg.train.precision,
                          "run_name": cfg.name, "num_workers": cfg.scaling.num_workers})
     outputs.write_progress_gif(cfg.output_uri)
     return TrainResult(cfg.output_uri, model_uri, result.checkpoint.path, metrics)

@@ -1,0 +1,118 @@
+"""Training data as a Ray Data dataset: loose images, archives or WebDataset shards, read and decoded by Ray Data
+tasks (genray.datasets.read_units, which imports no torch: a fresh read worker starts in about a second) and
+streamed to the Ray Train workers (`get_dataset_shard`), so no worker ever holds the dataset.
+
+Driver side: `build_dataset` (units -> shuffled blocks of decoded rows) and `fixed_rows` (the sample grid's images).
+Worker side: `training_batches` turns the worker's shard into the family's collated batches (per-image preparation
+such as random crops runs here, seeded by (seed, epoch, image key)).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator
+
+import numpy as np
+
+from genray.config import TrainConfig
+from genray.datasets import decode_row, list_units, read_units, unit_rows
+
+MAX_ERROR_KEYS = 20  # keys of skipped files kept per epoch in metrics.jsonl (all are counted and logged)
+from genray.models.data import prepare_items
+
+# --------------------------------------------------------------------------------------- driver: dataset
+
+def build_dataset(cfg: TrainConfig, channels: int | None):
+    """The training set as a Ray Data dataset of decoded rows. Unit (file group / shard) order is reshuffled on
+    every execution, i.e. every epoch (reproducibly from train.seed); small datasets (data.materialize) are read
+    once and kept in the object store, larger ones are read again each epoch, streaming."""
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    units, total_bytes = list_units(cfg.data.uri, cfg.data, cfg.data.limit)
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+    materialize = cfg.data.materialize == "always" or (
+        cfg.data.materialize == "auto" and total_bytes <= cfg.data.materialize_max_bytes)
+    shuffle = RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+    if not materialize and cfg.data.limit is None:
+        ds = ds.randomize_block_order(seed=shuffle)  # units are blocks: this shuffles files and shards
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy", num_cpus=cfg.data.cpus_per_read_task,
+                        fn_kwargs={"channels": channels, "data": cfg.data.model_dump(mode="json")})
+    if cfg.data.limit is not None:
+        ds = ds.limit(cfg.data.limit)
+    if materialize:
+        ds = ds.materialize().randomize_block_order(seed=shuffle)
+    return ds
+
+
+def fixed_rows(cfg: TrainConfig, channels: int | None) -> list[tuple[np.ndarray, int, str]]:
+    """num_samples images for the per-epoch sample grid, read here once: the same in every epoch and after a
+    resume. Loose files are picked spread over the key order (key-sorted data is often class-sorted); archives
+    give the first images of the first shard."""
+    n = cfg.train.num_samples
+    units, _ = list_units(cfg.data.uri, cfg.data, cfg.data.limit)
+    files = [f for u in units if u["kind"] == "files" for f in u["files"]]
+    if files:
+        units = [{"kind": "files", "files": files[::max(1, len(files) // n)][:n]}]
+    rows = []
+    for unit in units:
+        for row in unit_rows(unit, channels, cfg.data):
+            if row["error"] is None:
+                rows.append((decode_row(row), int(row["label"]), row["key"]))
+            if len(rows) >= n:
+                return rows
+    return rows
+
+
+# -------------------------------------------------------------------------------------- worker: batches
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """A 63-bit seed word for one image's preparation in one epoch (independent of which worker reads it)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def training_batches(shard, spec, cfg: TrainConfig, epoch: int, rank: int,
+                     errors: list[str]) -> Iterator[Any]:
+    """One epoch of this worker's shard as collated training batches of train.batch_size items.
+
+    Rows pass Ray Data's local shuffle buffer (data.shuffle_rows images), each image becomes the family's items
+    (prepare_items), and items pass a shuffle buffer of data.shuffle_items, so crops of one photo spread over many
+    batches. Skipped files are appended to `errors` ('key: reason') and logged. The last batch may be short."""
+    from torch.utils.data import default_collate
+
+    rng = np.random.default_rng((cfg.train.seed, epoch, rank))
+    pool: list[Any] = []
+    batch: list[Any] = []
+    rows = shard.iter_batches(batch_size=min(cfg.data.shuffle_rows, 16), batch_format="numpy",
+                              local_shuffle_buffer_size=cfg.data.shuffle_rows,
+                              local_shuffle_seed=int(rng.integers(2 ** 31)), prefetch_batches=1)
+
+    def emit(item: Any) -> Iterator[Any]:
+        batch.append(item)
+        if len(batch) == cfg.train.batch_size:
+            yield default_collate(batch)
+            batch.clear()
+
+    for block in rows:
+        for i, key in enumerate(block["key"]):
+            if block["error"][i] is not None:
+                errors.append(f"{key}: {block['error'][i]}")
+                print(f"[genray] data: skipping {key}: {block['error'][i]}", flush=True)
+                continue
+            image = decode_row({k: block[k][i] for k in ("image", "height", "width", "channels")})
+            label = int(block["label"][i])
+            for item in prepare_items(spec, image, None if label < 0 else label, cfg.model,
+                                      sample_seed(cfg.train.seed, epoch, str(key))):
+                if len(pool) < cfg.data.shuffle_items:
+                    pool.append(item)
+                    continue
+                j = int(rng.integers(len(pool)))  # a full buffer: a random item leaves, the new one takes its place
+                pool[j], item = item, pool[j]
+                yield from emit(item)
+    rng.shuffle(pool)
+    for item in pool:
+        yield from emit(item)
+    if batch:
+        yield default_collate(batch)
+
