@@ -245,9 +245,9 @@ def test_process_config_validates_and_refuses_typos(tmp_path):
 
 def test_placement_strategy_reaches_ray_train(tmp_path):
     """scaling.placement_strategy is handed to Ray Train's ScalingConfig; a typo is refused by the config."""
-    from genray.training.trainer import build_trainer
+    from genray.training.trainer import scaling_config
 
     cfg = load_config(TINY, ["scaling.placement_strategy=SPREAD", f"output_uri={tmp_path / 'run'}"])
-    assert build_trainer(cfg).scaling_config.placement_strategy == "SPREAD"
+    assert scaling_config(cfg).placement_strategy == "SPREAD"
     with pytest.raises(ConfigError, match=r"scaling\.placement_strategy"):
         load_config(TINY, ["scaling.placement_strategy=SPREADD"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import genray
-from genray.submit import SubmitError, build_job
+from genray.cli import build_job
+from genray.submit import SubmitError
 
 SECRET = "hunter2-Sup3rSecret"  # a value that must never be echoed back
 

@@ -14,7 +14,8 @@ import pytest
 from genray import storage
 from genray.datasets import load_embedded
 from genray.images import encode_png
-from genray.submit import build_job, wait_until_done
+from genray.cli import build_job
+from genray.submit import wait_until_done
 
 REPO = str(Path(__file__).resolve().parent.parent)
 TINY = "configs/tiny/denoise_ae.yaml"

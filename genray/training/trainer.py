@@ -33,6 +33,16 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def scaling_config(cfg: TrainConfig) -> ScalingConfig:
+    """The config's `scaling` section as Ray Train's ScalingConfig."""
+    return ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+        placement_strategy=cfg.scaling.placement_strategy,
+    )
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     checkpoints_uri = storage.join_uri(cfg.output_uri, "checkpoints")
     try:  # fail before starting workers if the output bucket is missing or unreadable
@@ -54,12 +64,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
         train_loop_per_worker,
         train_loop_config={**cfg.model_dump_plain(), FIXED_ROWS_KEY: grid_rows},
         datasets={"train": dataset},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             # Same name + same storage = resume from the latest checkpoint (Ray Train V2's rule).
             name=cfg.name,
