@@ -69,6 +69,10 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
              "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
              "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights,
              "output_format": args.output_format, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes,
+             "max_output_pixels": args.max_output_pixels, "max_input_bytes": args.max_input_bytes,
+             "max_archive_members": args.max_archive_members, "max_archive_bytes": args.max_archive_bytes,
+             "max_sample_bytes": args.max_sample_bytes, "max_attempts": args.max_attempts,
+             "retry_errors": args.retry_errors or None, "lease_seconds": args.lease_seconds,
              "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor,
              "precision": args.precision, "overlap_io": args.overlap_io,
              "verify_outputs": args.verify_outputs or None}
@@ -309,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--verify-outputs", action="store_true",
                     help="rerun: also redo inputs whose manifest row says ok but whose output object is gone")
     pr.add_argument("--max-pixels", type=int, help="refuse images declaring more pixels than this")
+    pr.add_argument("--max-output-pixels", type=int, help="refuse inputs whose output would exceed this (64000000)")
+    pr.add_argument("--max-input-bytes", type=int,
+                    help="refuse files and archive members larger than this (default 8 x --max-pixels + 1 MiB)")
+    pr.add_argument("--max-archive-members", type=int, help="entries read per archive (default 1000000)")
+    pr.add_argument("--max-archive-bytes", type=int, help="decompressed bytes read per archive (default 256 GiB)")
+    pr.add_argument("--max-sample-bytes", type=int, help="bytes of one WebDataset sample's parts (default 1 GiB)")
+    pr.add_argument("--max-attempts", type=int,
+                    help="an input whose model worker dies this many times becomes an error row (default 3)")
+    pr.add_argument("--retry-errors", action="store_true",
+                    help="also redo inputs recorded as 'worker died while processing it'")
+    pr.add_argument("--lease-seconds", type=float,
+                    help="the output prefix's lease expires this long after a dead run's last renewal (600)")
     pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
     pr.add_argument("--vgg-weights", help="Gatys: local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth")
     pr.add_argument("--dry-run", action="store_true", help="list what would be processed")

@@ -225,6 +225,17 @@ class ProcessConfig(Strict):
     # input, or per tar shard) and redoes those whose output is gone, e.g. removed by a lifecycle rule.
     verify_outputs: bool = False
     max_pixels: int = Field(default=64_000_000, gt=0)  # decoded-size cap, checked from the header
+    # Hardening limits (README "Reliability"): past each one an input is an error row naming the flag.
+    max_output_pixels: int = Field(default=64_000_000, gt=0)  # output size cap (x4 of a 64 MP input is 1 Gpx)
+    # Bytes of one loose file or archive member, checked from the listing / header before reading; None:
+    # 8 bytes per allowed pixel + 1 MiB (an uncompressed 16-bit RGBA image of max_pixels).
+    max_input_bytes: int | None = Field(default=None, gt=0)
+    max_archive_members: int = Field(default=1_000_000, gt=0)  # entries per archive (tar headers, zip directory)
+    max_archive_bytes: int = Field(default=256 << 30, gt=0)  # decompressed bytes read from one archive
+    max_sample_bytes: int = Field(default=1 << 30, gt=0)  # one WebDataset sample's parts held together
+    max_attempts: int = Field(default=3, gt=0)  # an input whose worker dies this often becomes an error row
+    retry_errors: bool = False  # reruns redo "worker died" rows too (other error rows are always redone)
+    lease_seconds: float = Field(default=600.0, gt=0)  # a dead run's lease on the output prefix expires after this
     dry_run: bool = False
     # files: one PNG per input under the output prefix; tar: WebDataset shards <output>/shard-NNNNNN.tar
     output_format: Literal["files", "tar"] = "files"

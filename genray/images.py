@@ -39,7 +39,9 @@ def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageError("empty file")
     try:
-        return Image.open(io.BytesIO(data))
+        # Only the promised formats' plugins may parse untrusted bytes (Pillow otherwise tries every plugin it has:
+        # PSD, EPS via Ghostscript, FITS, ... each with its own memory behaviour).
+        return Image.open(io.BytesIO(data), formats=PROMISED_FORMATS)
     except Image.DecompressionBombError as e:
         # Pillow's global cap (2 * Image.MAX_IMAGE_PIXELS, ~179 M) fires inside Image.open, before our max_pixels
         # check can: parse the header again without it, so max_pixels alone decides and the error names the size.
@@ -118,7 +120,9 @@ def decode_image(data: bytes, channels: int | None = 3, max_pixels: int = DEFAUL
             raise ImageError(_reason(e)) from None
         try:
             # A broken EXIF block should not cost the user their image: keep it unrotated instead.
-            im = ImageOps.exif_transpose(im) or im
+            # Only when there is something to undo: exif_transpose copies the whole image otherwise.
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation
+                im = ImageOps.exif_transpose(im) or im
         except Exception:
             pass
         array = _to_uint8_array(im)
@@ -145,17 +149,42 @@ def _to_uint8_array(im: Image.Image) -> np.ndarray:
         im, mode = Image.alpha_composite(white, rgba).convert(base), base
     if mode.startswith("I;16") or mode == "I":
         # 16-bit grayscale (PNG/TIFF); 'I' is how Pillow widens it, so it carries the same 0..65535 range.
-        wide = np.asarray(im).astype(np.float64)
-        return np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)[:, :, None]
+        return _rows_to_uint8(im, lambda block: np.clip(block, 0, 65535) / np.float32(257.0))
     if mode == "F":
-        values = np.asarray(im, dtype=np.float64)
-        values = values * 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else values  # [0, 1] floats are common
-        return np.rint(np.clip(np.nan_to_num(values), 0, 255)).astype(np.uint8)[:, :, None]
+        peak = max(np.nanmax(block, initial=0.0) for block in _bands(im))
+        scale = np.float32(255.0) if peak <= 1.0 else np.float32(1.0)  # [0, 1] floats are common
+        return _rows_to_uint8(im, lambda block: np.clip(np.nan_to_num(block * scale), 0, 255))
     if mode == "L":
         return np.asarray(im, dtype=np.uint8)[:, :, None]
     if mode != "RGB":  # CMYK, YCbCr, LAB, HSV, RGBX, ...
         im = im.convert("RGB")
     return np.asarray(im, dtype=np.uint8)
+
+
+# Rows converted at once from 16-bit/float images: the float32 temporaries stay a few MB whatever the image size
+# (converting whole images in float64 took ~40 bytes per pixel: 2.5 GB for a 64 MP float TIFF).
+_CONVERT_PIXELS = 1 << 20
+
+
+def _bands(im: Image.Image):
+    """float32 (rows, W) bands of a one-band 16-bit/32-bit/float image, a few MB each (np.asarray of the whole
+    image would hold two more copies of it: Pillow's tobytes pieces and their join)."""
+    width, height = im.size
+    step = max(1, _CONVERT_PIXELS // max(width, 1))
+    for y in range(0, height, step):
+        yield np.asarray(im.crop((0, y, width, min(height, y + step)))).astype(np.float32)
+
+
+def _rows_to_uint8(im: Image.Image, to_range) -> np.ndarray:
+    """A one-band 16-bit/32-bit/float image -> uint8 (H, W, 1), a band of rows at a time; to_range maps a float32
+    band to [0, 255]. Peak memory: Pillow's image, the uint8 output and one band."""
+    width, height = im.size
+    out = np.empty((height, width, 1), dtype=np.uint8)
+    y = 0
+    for block in _bands(im):
+        out[y:y + block.shape[0], :, 0] = np.rint(to_range(block)).astype(np.uint8)
+        y += block.shape[0]
+    return out
 
 
 def encode_png(image: np.ndarray) -> bytes:

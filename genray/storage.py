@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import posixpath
 import secrets
 import shutil
 import threading
@@ -137,6 +138,24 @@ def relative_key(base: str, uri: str) -> str:
     if not key:
         raise StorageError(f"{uri}: is the base {base} itself, not a key under it")
     return key
+
+
+def normalized_location(uri: str) -> tuple[str, tuple[str, ...]]:
+    """(where, path segments) of a prefix or object after normalisation, for comparing two URIs: s3 keys lose
+    '.' segments, doubled and trailing slashes and resolve '..'; local paths are resolved through symlinks too
+    (realpath). 's3://b/x/../in//' and 's3://b/in' give the same answer."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return f"s3://{bucket}", tuple(s for s in posixpath.normpath("/" + key).split("/") if s)
+    path = os.path.realpath(_local_path(uri))
+    return "local", tuple(s for s in path.replace(os.sep, "/").split("/") if s)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether two prefixes are the same place or one lies inside the other, after normalisation."""
+    (where_a, seg_a), (where_b, seg_b) = normalized_location(a), normalized_location(b)
+    n = min(len(seg_a), len(seg_b))
+    return where_a == where_b and seg_a[:n] == seg_b[:n]
 
 
 # ---------------------------------------------------------------------------------------- S3 client
@@ -289,8 +308,12 @@ def iter_object_pages(prefix_uri: str, suffixes: tuple[str, ...] | None = None,
     if not os.path.isdir(root):
         return
     out = []
+    real_root = os.path.realpath(root).rstrip(os.sep) + os.sep
     for key, path in _walk_sorted(root, ""):
         if wanted and not key.lower().endswith(wanted):
+            continue
+        # Symlinked folders are not entered; a symlinked file is listed only if it stays under the root.
+        if os.path.islink(path) and not os.path.realpath(path).startswith(real_root):
             continue
         try:
             st = os.stat(path)
@@ -331,15 +354,36 @@ def _walk_sorted(folder: str, key_prefix: str) -> Iterator[tuple[str, str]]:
             yield key_prefix + name, entry.path
 
 
-def read_bytes(uri: str) -> bytes:
+class TooLargeError(StorageError):
+    """An object holds more bytes than the caller allows; nothing past the limit was read."""
+
+
+def _read_capped(stream, uri: str, max_bytes: int, limit_name: str) -> bytes:
+    data = stream.read(max_bytes + 1)  # one byte more than allowed tells "too large" apart from "exactly the limit"
+    if len(data) > max_bytes:
+        raise TooLargeError(f"input too large: more than {max_bytes:,} bytes, limit {max_bytes:,} ({limit_name})")
+    return data
+
+
+def read_bytes(uri: str, max_bytes: int | None = None, limit_name: str = "--max-input-bytes",
+               root: str | None = None) -> bytes:
+    """An object's bytes. max_bytes: read at most that many (+1) and raise TooLargeError past it, so an object
+    larger than its listing said cannot take the reader's memory. root (local): refuse a path that symlinks lead
+    outside of it."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         with _s3_errors(uri, missing_is_object=True):
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return body.read() if max_bytes is None else _read_capped(body, uri, max_bytes, limit_name)
+            finally:
+                body.close()
     path = _local_path(uri)
+    if root is not None:
+        check_inside(root, uri)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read() if max_bytes is None else _read_capped(f, uri, max_bytes, limit_name)
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such object", "missing_object") from None
     except IsADirectoryError:
@@ -423,41 +467,130 @@ def open_read(uri: str, size: int | None = None, etag: str | None = None,
         raise StorageError(f"{uri}: cannot read ({exc.strerror})") from None
 
 
-def _atomic_local_write(path: str, writer) -> None:
-    """Stage in a hidden file in the target's directory, then os.replace: readers never see half a file."""
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_local_write(path: str, writer, if_absent: bool = False) -> None:
+    """Stage in a hidden file in the target's directory, fsync it, then os.replace and fsync the directory: readers
+    never see half a file, and a power loss after the rename cannot leave an empty or partial file under the final
+    name (ext4/xfs may otherwise commit the rename before the data). if_absent: os.link instead of os.replace, which
+    fails if the target exists (never overwrite; StorageError reason 'exists')."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
     try:
         writer(tmp)
-        os.replace(tmp, path)
+        _fsync_path(tmp)
+        if if_absent:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise StorageError(f"{path}: already exists (not overwritten)", "exists") from None
+            os.remove(tmp)
+        else:
+            os.replace(tmp, path)
+        _fsync_path(directory, directory=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, if_absent: bool = False, root: str | None = None) -> None:
+    """See write_fileobj."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         if not key:
             raise StorageError(f"{uri}: no object key in S3 URI")
-        with _s3_errors(uri):
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        kwargs = {"IfNoneMatch": "*"} if if_absent else {}
+        with _s3_errors(uri), _exists_error(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **kwargs)
         return
-    write_fileobj(uri, io.BytesIO(data))
+    write_fileobj(uri, io.BytesIO(data), if_absent=if_absent, root=root)
 
 
-def write_fileobj(uri: str, fileobj) -> None:
+@contextlib.contextmanager
+def _exists_error(uri: str) -> Iterator[None]:
+    """A conditional PUT (If-None-Match: *) refused because the object exists -> StorageError reason 'exists'."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise StorageError(f"{uri}: already exists (not overwritten)", "exists") from None
+        raise
+    except boto3.exceptions.S3UploadFailedError as exc:
+        if "PreconditionFailed" in str(exc):
+            raise StorageError(f"{uri}: already exists (not overwritten)", "exists") from None
+        raise
+
+
+_PART_BYTES = 16 << 20
+
+
+def _upload_if_absent(fileobj, bucket: str, key: str) -> None:
+    """One PUT, or a multipart upload in 16 MB parts, completed with If-None-Match: * (S3 refuses it if the key
+    exists by then); a failed upload is aborted so no parts are left behind."""
+    client = s3_client()
+    first = fileobj.read(_PART_BYTES)
+    nxt = fileobj.read(_PART_BYTES)
+    if not nxt:
+        client.put_object(Bucket=bucket, Key=key, Body=first, IfNoneMatch="*")
+        return
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    try:
+        parts, data = [], first
+        while data:
+            number = len(parts) + 1
+            etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=data)["ETag"]
+            parts.append({"ETag": etag, "PartNumber": number})
+            data = nxt if number == 1 else fileobj.read(_PART_BYTES)
+        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, IfNoneMatch="*",
+                                         MultipartUpload={"Parts": parts})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+        raise
+
+
+def check_inside(root: str, uri: str) -> None:
+    """Local only: refuse `uri` if, once symlinks are resolved, it lies outside `root` (a symlinked folder or file
+    under an input or output prefix must not lead reads or writes elsewhere on the machine)."""
+    if is_s3(uri) or is_s3(root):
+        return
+    real_root = os.path.realpath(_local_path(root))
+    real = os.path.realpath(_local_path(uri))
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise UnsafeKeyError(f"{uri}: leads outside {root} through a symbolic link")
+
+
+def write_fileobj(uri: str, fileobj, if_absent: bool = False, root: str | None = None) -> None:
     """Write a binary file object's contents (from its current position) to `uri`, atomically: one PUT or a
-    multipart upload that appears only when complete on S3, a staged file renamed into place locally."""
+    multipart upload that appears only when complete on S3, a staged file renamed into place locally.
+    if_absent: never overwrite (S3 If-None-Match: *, a local hard link); an existing object is a StorageError with
+    reason 'exists'. root (local): refuse a target that symlinks lead outside it."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         if not key:
             raise StorageError(f"{uri}: no object key in S3 URI")
-        with _s3_errors(uri):
-            s3_client().upload_fileobj(fileobj, bucket, key)
+        with _s3_errors(uri), _exists_error(uri):
+            if if_absent:  # boto3's transfer manager cannot pass If-None-Match: a multipart upload of our own
+                _upload_if_absent(fileobj, bucket, key)
+            else:
+                s3_client().upload_fileobj(fileobj, bucket, key)
         return
+    if root is not None:
+        parent = os.path.dirname(os.path.abspath(_local_path(uri)))
+        existing = parent
+        while not os.path.exists(existing):  # before makedirs: it would create folders wherever a symlink leads
+            existing = os.path.dirname(existing)
+        check_inside(root, existing)
+        os.makedirs(parent, exist_ok=True)
+        check_inside(root, parent)
 
     def _write(tmp: str) -> None:
         # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would make it 0600).
@@ -466,7 +599,7 @@ def write_fileobj(uri: str, fileobj) -> None:
             shutil.copyfileobj(fileobj, f)
 
     try:
-        _atomic_local_write(_local_path(uri), _write)
+        _atomic_local_write(_local_path(uri), _write, if_absent=if_absent)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot write ({exc.strerror or type(exc).__name__})") from None
 

@@ -27,6 +27,7 @@ from genray.datasets import IMAGE_SUFFIXES
 from genray.model_artifact import ArtifactError, read_meta
 from genray.process import read_stage
 from genray.process import manifest
+from genray.process.attempts import AttemptTracker
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_png
 from genray.runtime import ray_error_line
@@ -101,11 +102,14 @@ class Plan:
     refused: list[dict[str, Any]] = field(default_factory=list)  # error rows before any work
     units: list[dict[str, Any]] = field(default_factory=list)  # archives to read (read_stage.plan_archives)
     num_archives_done: int = 0  # archives read in full before (their members are in num_skipped)
+    num_died: int = 0  # inputs recorded as "worker died while processing it", not retried (--retry-errors)
 
 
 TODO_SCHEMA = pa.schema([("input_key", pa.string()), ("input_uri", pa.string()), ("input_etag", pa.string()),
-                         ("output_key", pa.string())])
-PLAN_COLUMNS = ["input_key", "output_key", "status", "input_etag", "model_digest"]  # what a rerun's diff reads
+                         ("output_key", pa.string()),
+                         ("input_size", pa.int64())])  # from the listing: checked against --max-input-bytes
+# What a rerun's diff reads ('error': to skip inputs that killed their workers).
+PLAN_COLUMNS = ["input_key", "output_key", "status", "input_etag", "model_digest", "error"]
 BLOCK_BATCHES = 4  # a block of the to-do dataset holds this many batches: small enough to spread a short job
 VERIFY_THREADS = 16  # --verify-outputs: HEAD requests in flight
 _TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#' before the member's key
@@ -130,6 +134,13 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
         for page in pages:
             if out_rel:  # never eat our own outputs
                 page = [obj for obj in page if not obj.key.startswith(out_rel)]
+            if any(archives.has_control(obj.key) for obj in page):
+                # A newline or a bidi override in a name would forge log lines and spoof manifest keys: refused,
+                # recorded under the escaped name.
+                work.refused += [read_stage.error_row(archives.escape_control(obj.key), obj.etag, digest,
+                                                      "refused: control character in name")
+                                 for obj in page if archives.has_control(obj.key)]
+                page = [obj for obj in page if not archives.has_control(obj.key)]
             images = [obj for obj in page if read_stage.is_image(obj.key)]
             if len(images) < len(page):  # the listing holds only images and archives
                 archive_objs += [obj for obj in page if archives.is_archive(obj.key)]
@@ -150,14 +161,16 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
     except storage.StorageError as err:
         raise JobError(str(err)) from None
     del done, done_keys
-    work.refused += [read_stage.error_row(key, None, digest, why) for key, why in missing]
+    work.refused += [read_stage.error_row(archives.loose_key(key), None, digest, why) for key, why in missing]
     if archive_objs:
         # Archives: their members' rows as dicts, for read_stage (bounded by the archives' members, not by the loose
         # inputs; reading each archive's rows in its own read task instead is left for later).
         members = _archive_rows(cfg.output_uri, archive_objs)
-        units, skipped, refused = read_stage.plan_archives(archive_objs, members, digest, cfg.output_uri, tar)
+        units, skipped, refused = read_stage.plan_archives(archive_objs, members, digest, cfg.output_uri, tar,
+                                                           cfg.retry_errors)
         work.units, work.refused = units, work.refused + refused
-        work.num_skipped += sum(r.get("num_rows") is None for r in skipped)
+        work.num_skipped += sum(r.get("num_rows") is None and r["status"] != "error" for r in skipped)
+        work.num_died += sum(r.get("num_rows") is None and r["status"] == "error" for r in skipped)
         work.num_archives_done = sum(r.get("num_rows") is not None for r in skipped)
     return work
 
@@ -177,6 +190,9 @@ def _input_pages(input_uri: str):
 def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
     base, out = input_uri.rstrip("/") + "/", output_uri.rstrip("/") + "/"
     return out[len(base):] if out.startswith(base) else None
+
+
+WORKER_DIED = manifest.WORKER_DIED
 
 
 class _OutputKeys:
@@ -222,9 +238,10 @@ def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.
         except storage.UnsafeKeyError as err:
             obj = images.pop(i)
             outs.pop(i)
-            work.refused.append(read_stage.error_row(obj.key, obj.etag, digest, str(err)))
-    page = pa.table([[o.key for o in images], [o.uri for o in images], [o.etag for o in images], outs],
-                    schema=TODO_SCHEMA)
+            work.refused.append(read_stage.error_row(archives.loose_key(obj.key), obj.etag, digest, str(err)))
+    # input_key: '#' in a name is escaped (archives.loose_key), as the first '#' separates archive and member.
+    page = pa.table([[archives.loose_key(o.key) for o in images], [o.uri for o in images],
+                     [o.etag for o in images], outs, [o.size for o in images]], schema=TODO_SCHEMA)
     if not page.num_rows or not len(done_keys):
         return page
     keys = page.column("input_key")
@@ -247,6 +264,14 @@ def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.
     if cfg.verify_outputs and pc.any(ok).as_py():
         ok = _verify_outputs(cfg, ok, pc.filter(prev.column("output_key"), ok))
     work.num_skipped += pc.sum(ok).as_py() or 0
+    if not cfg.retry_errors:  # inputs that killed --max-attempts workers stay error rows, untouched
+        died = pc.and_kleene(pc.equal(status, pa.scalar("error")),
+                             pc.starts_with(prev.column("error").cast(pa.string()), manifest.WORKER_DIED))
+        died = pc.and_kleene(died, pc.equal(prev.column("input_etag"), page.column("input_etag")))
+        died = pc.fill_null(pc.and_kleene(died, pc.equal(prev.column("model_digest").cast(pa.string()),
+                                                          pa.scalar(digest))), False)
+        work.num_died += pc.sum(died).as_py() or 0
+        ok = pc.or_(ok, died)
     return page.filter(pc.invert(ok))
 
 
@@ -274,12 +299,14 @@ def _archive_rows(output_uri: str, objs: list[storage.ObjectInfo]) -> dict[str, 
     # Unreadable files were reported (and quarantined) by the first read.
     table = manifest.read_latest(output_uri, quarantine_bad=False, log=lambda _: None)
     names = {o.key for o in objs}
+    row_keys = {archives.loose_key(name) for name in names}  # an archive's own row, '#' escaped
     keys = table.column("input_key")
-    table = table.filter(pc.or_(pc.match_substring(keys, "#"), pc.is_in(keys, value_set=pa.array(sorted(names)))))
+    table = table.filter(pc.or_(pc.match_substring(keys, "#"),
+                                pc.is_in(keys, value_set=pa.array(sorted(row_keys), pa.string()))))
     rows = {}
     for row in table.to_pylist():
         split = archives.split_member_key(row["input_key"])
-        if row["input_key"] in names or (split and split[0] in names):
+        if row["input_key"] in row_keys or (split and split[0] in names):
             rows[row["input_key"]] = row
     return rows
 
@@ -287,13 +314,19 @@ def _archive_rows(output_uri: str, objs: list[storage.ObjectInfo]) -> dict[str, 
 class ProcessImages:
     """Ray Data callable class: the model loads once per actor; each call handles one batch of input rows."""
 
-    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int):
+    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int, tracker=None):
         import torch
 
         from genray.inference import Predictor, pick_device
 
-        torch.set_num_threads(num_threads)
         self.cfg = ProcessConfig.model_validate(cfg)
+        self.tracker = tracker
+        if tracker is not None:  # an actor that dies while loading the model is restarted by Ray without limit
+            starting = ray.get(tracker.actor_starting.remote())
+            if starting > self.cfg.max_actors + self.cfg.max_attempts:
+                raise JobError(f"model actors died {starting - self.cfg.max_actors} times while starting "
+                               f"(--max-attempts {self.cfg.max_attempts}): not retrying further")
+        torch.set_num_threads(num_threads)
         if self.cfg.model_uri is None:  # style job with a style image: Gatys optimisation per image
             from genray.process.gatys import GatysStylizer
 
@@ -308,10 +341,14 @@ class ProcessImages:
         if self.predictor.digest != digest:  # the artefact (or style image) was replaced after the job was planned
             raise JobError(f"{self.cfg.model_uri or self.cfg.style_image_uri}: changed while the job was starting")
         self.digest = digest
+        self.scale = self.predictor.scale  # output pixels per input pixel along each side
+        self.max_input_bytes = self.cfg.max_input_bytes or read_stage.max_member_bytes(self.cfg.max_pixels)
         self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="genray-io")
         # With overlap_io two calls run at once: one forward at a time, the other call's reads and writes meanwhile.
         self.forward_lock = threading.Lock()
+        if tracker is not None:
+            ray.get(tracker.actor_started.remote())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
@@ -319,6 +356,28 @@ class ProcessImages:
         # Rows the read stage finished already (skipped archive members, refused entries, an archive's own row).
         passed = [read_stage.passed_through(row["result"]) for row in rows if row.get("result")]
         rows = [row for row in rows if not row.get("result")]
+        keys = [str(row["input_key"]) for row in rows]
+        if self.tracker is None or not ray.get(self.tracker.begin_batch.remote(keys)):
+            results = self._process(rows)
+            if self.tracker is not None:
+                ray.get(self.tracker.finish.remote(keys))
+        else:
+            # A worker died on this batch before: one input at a time, so only the input that kills is blamed.
+            results = []
+            for row, key in zip(rows, keys):
+                prior = ray.get(self.tracker.begin.remote(key))
+                if prior >= self.cfg.max_attempts:
+                    results.append(self._row(row, "error", f"{WORKER_DIED} ({prior} attempts, limit "
+                                                           f"--max-attempts {self.cfg.max_attempts})"))
+                else:
+                    results += self._process([row])
+                ray.get(self.tracker.finish.remote([key]))
+        per_image = (time.perf_counter() - started) / max(len(rows), 1)
+        for r in results:
+            r["seconds"] = per_image
+        return read_stage.output_table(results + passed)
+
+    def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # [1] read + decode, all of the batch's objects at once: a remote store's latency is paid once per batch,
         # not once per image. A bad file is an error row.
         decoded = list(self.io.map(self._read, rows))
@@ -328,18 +387,27 @@ class ProcessImages:
             outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])
         # [3] encode + write under the same relative key, again concurrently (Pillow and sockets release the GIL).
         results += self.io.map(self._write, good, outputs)
-        per_image = (time.perf_counter() - started) / max(len(rows), 1)
-        for r in results:
-            r["seconds"] = per_image
-        return read_stage.output_table(results + passed)
+        return results
 
     def _read(self, row: dict[str, Any]) -> np.ndarray | str:
         try:
             data = row.get("data")  # an archive member's bytes came with the row; a loose file is read here
-            data = storage.read_bytes(row["input_uri"]) if data is None else data
-            return decode_image(data, channels=None, max_pixels=self.cfg.max_pixels)
+            if data is None:
+                size = row.get("input_size")
+                if size is not None and size > self.max_input_bytes:  # the listing's size: nothing is read
+                    return (f"input too large: {int(size):,} bytes, limit {self.max_input_bytes:,} "
+                            f"(--max-input-bytes)")
+                # Capped again while reading: the object may have grown since it was listed.
+                data = storage.read_bytes(row["input_uri"], max_bytes=self.max_input_bytes,
+                                          root=self.cfg.input_uri)
+            image = decode_image(data, channels=None, max_pixels=self.cfg.max_pixels)
         except (ImageError, storage.StorageError) as err:
             return str(err)
+        height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
+        if height * width > self.cfg.max_output_pixels:
+            return (f"output too large: {width}x{height} = {width * height:,} pixels, limit "
+                    f"{self.cfg.max_output_pixels:,} (--max-output-pixels)")
+        return image
 
     def _write(self, item: tuple[dict[str, Any], np.ndarray], out: np.ndarray | Exception) -> dict[str, Any]:
         row, image = item
@@ -350,9 +418,10 @@ class ProcessImages:
             png = encode_png(out)
             if self.cfg.output_format == "tar":  # the driver writes it into a shard
                 return {**self._row(row, "ok", None, w, h), "data": png, "sidecars": row.get("sidecars")}
-            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png)
+            root = self.cfg.output_uri  # locally: no symlink under the output prefix leads a write outside it
+            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png, root=root)
             for name, data in read_stage.decode_sidecars(row.get("sidecars")):  # key.json beside key.png
-                storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data)
+                storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data, root=root)
             return self._row(row, "ok", None, w, h)
         except storage.StorageError as err:
             return self._row(row, "error", str(err), w, h)
@@ -393,12 +462,44 @@ def actor_threads(cpus: float) -> int:
     return max(1, math.ceil(round(cpus, 6)))
 
 
+def check_apart(cfg: ProcessConfig) -> None:
+    """The output prefix must be neither the input nor inside it nor around it, after normalisation ('.', '..',
+    doubled or trailing slashes, symlinked folders): else a job writes over its inputs (a.png -> a.png) or a rerun
+    reads its own outputs as new inputs."""
+    root = read_stage.input_root(cfg.input_uri)
+    if storage.overlaps(root, cfg.output_uri):
+        raise JobError(f"output {cfg.output_uri} overlaps input {cfg.input_uri} (the same place, or one inside the "
+                       f"other, once '.', '..', doubled slashes and symbolic links are resolved): the job would "
+                       f"overwrite its inputs or read its outputs as inputs; choose an output prefix beside the input")
+
+
 def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSummary:
-    """Run the job; `udf` swaps the actor class (tests inject faults through a subclass of ProcessImages)."""
-    udf = udf or ProcessImages
+    """Run the job; `udf` swaps the actor class (tests inject faults through a subclass of ProcessImages).
+    A real run holds a lease on the output prefix (genray.process.lease): a second run at once is refused."""
     meta = check_model(cfg)
+    check_apart(cfg)
+    if cfg.dry_run:
+        return _run_process_job(cfg, log, udf, meta)
+    from genray.process.lease import Lease, LeaseError
+
+    run_id = manifest.new_run_id()
+    try:
+        lease = Lease(cfg.output_uri, run_id, cfg.lease_seconds, log).acquire()
+    except LeaseError as err:
+        raise JobError(str(err)) from None
+    except storage.StorageError as err:
+        raise JobError(f"output {err}") from None
+    try:
+        return _run_process_job(cfg, log, udf, meta, run_id)
+    finally:
+        lease.release()
+
+
+def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, Any],
+                     run_id: str | None = None) -> JobSummary:
+    udf = udf or ProcessImages
     digest = meta["digest"]
-    summary = JobSummary(run_id=manifest.new_run_id())
+    summary = JobSummary(run_id=run_id or manifest.new_run_id())
     if cfg.dry_run:
         def sink(table: pa.Table) -> None:  # the dry run logs each block as it is planned and keeps nothing
             for key, out in zip(table.column("input_key").to_pylist(), table.column("output_key").to_pylist()):
@@ -411,7 +512,7 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
         f"{work.num_todo} to process, {work.num_skipped} already done with model {digest[:19]}, "
         f"{len(work.refused)} refused"
         + (f"; {len(units)} archives to read (their members are counted as they stream)" if units else ""))
-    summary.counts.update(skipped=work.num_skipped)
+    summary.counts.update(skipped=work.num_skipped, error=work.num_died)
     if cfg.dry_run:
         for unit in units:
             log(f"  would read archive {unit['key']} ({unit['size']:,} bytes, {len(unit['done'])} members done)")
@@ -428,7 +529,8 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     for row in pending:
         summary.record(row)
     if work.todo or units:
-        ds = _dataset(cfg, work, digest, udf, log)
+        tracker = ray.remote(num_cpus=0)(AttemptTracker).remote()
+        ds = _dataset(cfg, work, digest, udf, log, tracker)
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
                                      cfg.shard_bytes)
         progress = Progress(None if units else work.num_todo, log)
@@ -465,7 +567,7 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     return summary
 
 
-def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray.data.Dataset:
+def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracker=None) -> ray.data.Dataset:
     """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
     cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
     # Start the MIN model actors before any data flows (Ray Data otherwise starts them in the background and the
@@ -490,7 +592,7 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
         ds = ds.map_batches(read_stage.read_units, batch_size=1,
                             fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
-                                       "max_member_bytes": read_stage.max_member_bytes(cfg.max_pixels),
+                                       "max_member_bytes": read_stage.archive_limits(cfg),
                                        "rows_per_block": cfg.batch_size})
         # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB): cut them at one
         # batch instead, so one archive feeds every model actor and finished rows stream back as they are done.
@@ -508,12 +610,15 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log) -> ray
     return ds.map_batches(
         udf,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
-                               "num_threads": actor_threads(cpus)},
+                               "num_threads": actor_threads(cpus), "tracker": tracker},
         batch_size=cfg.batch_size,
         compute=pool,
         num_cpus=cpus,
         # Ray hides GPUs from a worker that asked for none: without this, GPU nodes would run the model on CPU.
         num_gpus=cfg.gpus_per_actor or None,
+        # Ray Data restarts dead actors and retries their batches without limit; AttemptTracker bounds what one
+        # input can cost, so a batch needs at most one try per attempt of each of its inputs, plus the first.
+        max_task_retries=cfg.batch_size * cfg.max_attempts + 1,
         # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
         # loses fewer of them (the manifest's node_id column shows where each image ran).
     )

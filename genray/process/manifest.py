@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genray import storage
-from genray.archives import SHARD_RE  # tar output: output_key = 'shard-000012.tar#a/b.png'
+from genray.archives import ARCHIVE_SUFFIXES, SHARD_RE  # tar output: output_key = 'shard-000012.tar#a/b.png'
 
 MANIFEST_DIR = "_manifest"
 QUARANTINE_DIR = "_quarantine"  # under MANIFEST_DIR; a leading '_' keeps pyarrow.dataset from reading it
@@ -43,15 +43,65 @@ SCHEMA = pa.schema([
     ("node_id", pa.string()),  # the Ray node whose model actor made the row (None: refused before any work)
 ])
 COLUMNS = SCHEMA.names
+# The error of an input whose model worker died on it --max-attempts times: reruns skip it unless --retry-errors.
+WORKER_DIED = "worker died while processing it"
+
+
+# A folder whose name ends like an archive ('a.tar/') gets this mark in output keys, as does a folder already
+# ending with it: then only an archive's members are written under '<archive key>/', never a loose file.
+FOLDER_MARK = "~"
+
+
+def _mark_folder(segment: str) -> str:
+    return segment + FOLDER_MARK if segment.lower().endswith(ARCHIVE_SUFFIXES + (FOLDER_MARK,)) else segment
+
+
+def _folders(key: str) -> str:
+    """'x/a.tar/b.png' -> 'x/a.tar~/b.png': every folder segment marked as _mark_folder says (injective)."""
+    if "/" not in key:
+        return key
+    *folders, name = key.split("/")
+    return "/".join([_mark_folder(f) for f in folders] + [name])
+
+
+def _candidates(key: str):
+    """a/b.jpg -> a/b.png, then a/b.jpg.png, then a/b.jpg~2.png, a/b.jpg~3.png, ..."""
+    yield _with_png_suffix(key)
+    yield key + ".png"
+    n = 2
+    while True:
+        yield f"{key}~{n}.png"
+        n += 1
 
 
 def output_key_for(input_key: str, taken: set[str]) -> str:
-    """a/b.jpg -> a/b.png; if another input already maps there (a/b.png beside a/b.jpg), a/b.jpg.png."""
-    key = _with_png_suffix(input_key)
-    if key in taken:
-        key = input_key + ".png"
-    taken.add(key)
-    return key
+    """A loose file's output key: a/b.jpg -> a/b.png; if an earlier input took that (a/b.png beside a/b.jpg),
+    a/b.jpg.png, then a/b.jpg~2.png, ... until free: within `taken` (one listing) every input gets its own key.
+    Folders named like archives are marked (x.tar/ -> x.tar~/) so no loose file lands where an archive's members
+    go (member_output_key)."""
+    for key in _candidates(_folders(input_key)):
+        if key not in taken:
+            taken.add(key)
+            return key
+
+
+def member_output_key(archive_key: str, member: str, taken: set[str]) -> str:
+    """An archive member's output key: '<archive key>/<member as output_key_for>' (the archive's own folders
+    marked, its name not), unique within `taken` (one archive). Two archives, and loose files, never meet: the
+    first unmarked archive-like folder of an output key names the one archive it came from."""
+    *folders, name = archive_key.split("/")
+    base = "/".join([_mark_folder(f) for f in folders] + [name])
+    for key in _candidates(member):
+        if f"{base}/{key}" not in taken:
+            taken.add(f"{base}/{key}")
+            return f"{base}/{key}"
+
+
+def sidecar_output_key(member_output: str, archive_key: str, sidecar: str) -> str:
+    """Where a sidecar of a member goes: beside its image's output, in the same (marked) archive folder."""
+    depth = len(archive_key.split("/"))
+    base = "/".join(member_output.split("/")[:depth])
+    return f"{base}/{sidecar}"
 
 
 def _with_png_suffix(key: str) -> str:
@@ -76,6 +126,12 @@ def is_done(prev: dict[str, Any] | None, etag: str, digest: str, output_key: str
         return prev["output_key"] == output_key
     shard, sep, key = (prev["output_key"] or "").partition("#")
     return bool(sep) and SHARD_RE.fullmatch(shard) is not None and key == output_key
+
+
+def died_before(prev: dict[str, Any] | None, etag: str, digest: str) -> bool:
+    """Whether `prev` records that this input (same ETag, same model) killed its workers: reruns skip it."""
+    return bool(prev) and prev["status"] == "error" and (prev["error"] or "").startswith(WORKER_DIED) \
+        and prev["input_etag"] == etag and prev["model_digest"] == digest
 
 
 def new_run_id() -> str:

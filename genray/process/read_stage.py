@@ -31,6 +31,7 @@ STAT_THREADS = 16  # HEAD requests in flight for a brace pattern's names
 READ_SCHEMA = pa.schema([
     ("input_key", pa.string()), ("input_uri", pa.string()), ("input_etag", pa.string()),
     ("output_key", pa.string()),
+    ("input_size", pa.int64()),  # a loose file's size from the listing, checked before it is read
     ("data", pa.binary()),  # the member's bytes (None: a loose file, read by the actor)
     ("sidecars", pa.string()),  # JSON [[output name, base64 bytes], ...]: the sample's .json/.txt/... members
     ("result", pa.string()),  # JSON of a finished manifest row (skipped or error), passed through by the actors
@@ -50,6 +51,18 @@ def is_image(name: str) -> bool:
 def max_member_bytes(max_pixels: int) -> int:
     """Larger members are error rows without being read: 8 bytes per allowed pixel (16-bit RGBA, uncompressed)."""
     return 8 * max_pixels + (1 << 20)
+
+
+def archive_limits(cfg) -> archives.Limits:
+    """A ProcessConfig's bounds on reading one archive."""
+    return archives.Limits(max_member_bytes=cfg.max_input_bytes or max_member_bytes(cfg.max_pixels),
+                           max_members=cfg.max_archive_members, max_bytes=cfg.max_archive_bytes,
+                           max_sample_bytes=cfg.max_sample_bytes)
+
+
+def _wanted(name: str, size: int) -> bool:
+    """Which members' bytes a read task takes: images, and sidecars of an allowed kind within their cap."""
+    return is_image(name) or (archives.is_sidecar(name) and size <= archives.SIDECAR_MAX_BYTES)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -76,8 +89,20 @@ def list_inputs(input_uri: str) -> Inputs:
             base, _, name = input_uri.rpartition("/")
             return Inputs(base or ".", archives=[replace(info, key=name)])
     objects = storage.list_objects(input_uri, suffixes=IMAGE_SUFFIXES + archives.ARCHIVE_SUFFIXES)
-    return Inputs(input_uri, images=[o for o in objects if is_image(o.key)],
-                  archives=[o for o in objects if archives.is_archive(o.key)])
+    # A name with a newline or a bidi override would forge lines in logs and spoof names in the manifest: refused,
+    # recorded under its escaped name.
+    named = [o for o in objects if not archives.has_control(o.key)]
+    return Inputs(input_uri, images=[o for o in named if is_image(o.key)],
+                  archives=[o for o in named if archives.is_archive(o.key)],
+                  missing=[(archives.escape_control(o.key), "refused: control character in name")
+                           for o in objects if archives.has_control(o.key)])
+
+
+def input_root(input_uri: str) -> str:
+    """The place an --input reads from: the prefix, the single archive, or a brace pattern's folder."""
+    if archives.has_braces(input_uri):
+        return input_uri[:input_uri.index("{")].rpartition("/")[0] or input_uri
+    return input_uri
 
 
 def _pattern_inputs(pattern: str) -> Inputs:
@@ -119,7 +144,7 @@ def error_row(input_key: str, etag: str | None, digest: str, error: str | None, 
 
 
 def plan_archives(objects: list[storage.ObjectInfo], done: dict[str, dict[str, Any]], digest: str,
-                  output_uri: str, tar: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                  output_uri: str, tar: bool, retry_errors: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                                        list[dict[str, Any]]]:
     """(read units, skipped rows of archives done in full, error rows of archives refused before any work)."""
     by_archive: dict[str, dict[str, dict[str, Any]]] = {}
@@ -132,17 +157,19 @@ def plan_archives(objects: list[storage.ObjectInfo], done: dict[str, dict[str, A
         try:  # members are written under <output>/<archive key>/...: the archive's key must stay inside
             storage.join_uri(output_uri, obj.key, "member")
         except storage.UnsafeKeyError as err:
-            refused.append(error_row(obj.key, obj.etag, digest, str(err), num_rows=0))
+            refused.append(error_row(archives.loose_key(obj.key), obj.etag, digest, str(err), num_rows=0))
             continue
         members = by_archive.get(obj.key, {})
-        usable = {k: r for k, r in members.items() if r["status"] in ("ok", "skipped")
+        usable = {k: r for k, r in members.items() if (r["status"] in ("ok", "skipped")
                   and r["input_etag"] == obj.etag and r["model_digest"] == digest
-                  and (manifest.SHARD_RE.match(r["output_key"] or "") is not None) == tar}
-        prev = done.get(obj.key)
+                  and (manifest.SHARD_RE.match(r["output_key"] or "") is not None) == tar)
+                  or (not retry_errors and manifest.died_before(r, obj.etag, digest))}
+        prev = done.get(archives.loose_key(obj.key))
         if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
                 and prev["model_digest"] == digest and len(usable) == len(members):
             # Read to the end before, and every member is done: nothing to read.
-            skipped += [{**r, "status": "skipped", "error": None, "seconds": 0.0} for r in members.values()]
+            skipped += [{**r, "seconds": 0.0} if r["status"] == "error" else
+                        {**r, "status": "skipped", "error": None, "seconds": 0.0} for r in members.values()]
             skipped.append({**prev, "status": "skipped", "num_rows": len(members)})
         else:
             units.append({"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
@@ -157,7 +184,7 @@ def file_units(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- read stage (tasks)
 
-def read_units(batch: dict[str, np.ndarray], digest: str, tar: bool, max_member_bytes: int,
+def read_units(batch: dict[str, np.ndarray], digest: str, tar: bool, max_member_bytes: int | archives.Limits,
                rows_per_block: int) -> Iterator[pa.Table]:
     """Ray Data map_batches generator: each unit (JSON) -> blocks of rows for the model actors. Loose images pass
     through (the actors read them); an archive is streamed member by member, `rows_per_block` rows at a time, so
@@ -181,37 +208,50 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
 
 
-def _archive_rows(unit: dict[str, Any], digest: str, tar: bool, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+def _archive_rows(unit: dict[str, Any], digest: str, tar: bool,
+                  max_member_bytes: int | archives.Limits) -> Iterator[dict[str, Any]]:
     key, etag, done = unit["key"], unit["etag"], unit["done"]
     taken: set[str] = set()
-    seen: set[str] = set()
+    seen: Counter = Counter()
     error = None
-    members = archives.read_members(unit["uri"], max_member_bytes, size=unit["size"], etag=etag)
+    limits = max_member_bytes if isinstance(max_member_bytes, archives.Limits) else archives.Limits(max_member_bytes)
+    members = archives.read_members(unit["uri"], limits, size=unit["size"], etag=etag, wanted=_wanted)
     try:
-        for member, sidecars in archives.group_samples(members, is_image):
-            input_key = archives.member_key(key, member.name)
-            if input_key in seen:  # a name repeated in a tar (an appended update): the first entry is used
-                continue
-            seen.add(input_key)
-            row = {"input_key": input_key, "input_uri": f"{unit['uri']}#{member.name}", "input_etag": etag,
+        for member, sidecars in archives.group_samples(members, is_image, limits.max_sample_bytes):
+            # A name repeated in a tar (an appended update): one row each, never one dropped silently. The n-th
+            # entry of a name is 'name#n' in the manifest (and gets the next free output key).
+            seen[member.name] += 1
+            name = member.name
+            if seen[member.name] > 1:
+                n = seen[member.name]
+                while seen[f"{member.name}#{n}"]:
+                    n += 1
+                name = f"{member.name}#{n}"
+                seen[name] += 1
+            input_key = archives.member_key(key, name)
+            row = {"input_key": input_key, "input_uri": f"{unit['uri']}#{name}", "input_etag": etag,
                    "output_key": None, "data": None, "sidecars": "", "result": ""}
             if member.error is not None:
                 yield {**row, "result": json.dumps(error_row(input_key, etag, digest, member.error))}
                 continue
-            out_key = manifest.output_key_for(f"{key}/{member.name}", taken)
+            out_key = manifest.member_output_key(key, member.name, taken)
             prev = done.get(input_key)
             if manifest.is_done(prev, etag, digest, out_key, tar):
                 yield {**row, "result": json.dumps({**prev, "status": "skipped", "error": None, "seconds": 0.0})}
+            elif manifest.died_before(prev, etag, digest):  # in `done` only without --retry-errors
+                yield {**row, "result": json.dumps({**prev, "seconds": 0.0})}
             else:
-                sidecar_names = [f"{key}/{s.name}" for s in sidecars]
+                sidecar_names = [manifest.sidecar_output_key(out_key, key, s.name) for s in sidecars]
                 yield {**row, "output_key": out_key, "data": member.data,
                        "sidecars": encode_sidecars(list(zip(sidecar_names, (s.data for s in sidecars))))}
     except archives.ArchiveError as err:
         error = str(err)
     # The archive's own row, last: how many member rows it gave, so the driver can hold it back until they are in.
-    yield {"input_key": key, "input_uri": unit["uri"], "input_etag": etag, "output_key": None, "data": None,
-           "sidecars": "", "result": json.dumps(error_row(key, etag, digest, error, "error" if error else "ok",
-                                                          num_rows=len(seen)))}
+    archive_key = archives.loose_key(key)
+    yield {"input_key": archive_key, "input_uri": unit["uri"], "input_etag": etag, "output_key": None, "data": None,
+           "sidecars": "", "result": json.dumps(error_row(archive_key, etag, digest, error,
+                                                          "error" if error else "ok",
+                                                          num_rows=sum(seen.values())))}
 
 
 def encode_sidecars(files: list[tuple[str, bytes]]) -> str:
@@ -278,7 +318,7 @@ class DriverRows:
             ready.append(row)
             split = archives.split_member_key(row["input_key"])
             if split:
-                self.released[split[0]] += 1
+                self.released[archives.loose_key(split[0])] += 1
         for key in [k for k, r in self.held.items() if self.released[k] >= r["num_rows"]]:
             ready.append(self.held.pop(key))
         return ready

@@ -1,0 +1,152 @@
+"""Issue 17, data loss: an output prefix equal to or inside the input (after normalisation) is refused; every input
+gets its own output key whatever the names (suffix swaps meeting fallbacks, a folder named like an archive beside
+it, nested archives, '#' in names, a name repeated in a tar); two runs on one output prefix at once are refused by
+a lease, and a shard number is never reused. Crafted inputs in the real S3 server, through the real CLI."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from genray import archives, storage
+from genray.config import ProcessConfig
+from genray.images import decode_image, encode_png
+from genray.process.job import JobError, run_process_job
+from genray.process.lease import Lease
+
+from helpers import genray, read_manifest_table
+
+
+def _png(seed: int, size: int) -> bytes:
+    return encode_png(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _tar(entries: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+# --- output equal to or inside the input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output", ["{in}", "{in}/", "{in}//", "{in}/./", "{in}/sub/../", "{in}/out",
+                                    "{in}/x/..//out", "{root}"])
+def test_output_overlapping_the_input_is_refused_s3(sr_model_uri, s3_bucket, output):
+    storage.write_bytes(f"{s3_bucket}/in/a.png", _png(0, 8))
+    cfg = ProcessConfig(task="superres", input_uri=f"{s3_bucket}/in", model_uri=sr_model_uri,
+                        output_uri=output.format(**{"in": f"{s3_bucket}/in", "root": s3_bucket}))
+    with pytest.raises(JobError, match="overlaps input"):
+        run_process_job(cfg)
+    assert [o.key for o in storage.list_objects(s3_bucket)] == ["in/a.png"]
+
+
+def test_output_reached_through_a_symlinked_folder_is_refused_through_the_cli(sr_model_uri, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(_png(0, 8))
+    os.symlink(inputs, tmp_path / "alias")
+    for output in (tmp_path / "alias", tmp_path / "alias" / "out", f"{tmp_path}//in/../in/out"):
+        r = genray("process", "superres", "--input", str(inputs), "--output", str(output), "--model",
+                   sr_model_uri, "--dry-run")
+        assert r.returncode != 0 and "overlaps input" in r.stderr, (output, r.stderr[-2000:])
+    assert sorted(p.name for p in inputs.iterdir()) == ["a.png"]
+
+
+# --- one output key per input ------------------------------------------------------------------------------------
+
+def test_every_input_gets_its_own_output_through_the_cli(ray_local, sr_model_uri, s3_bucket):
+    """Each input has its own size, so each output's size says which input it came from: nothing overwritten."""
+    inputs, out = f"{s3_bucket}/in", f"{s3_bucket}/out"
+    sizes = {}
+
+    def image(key: str) -> bytes:
+        sizes[key] = 8 + len(sizes)
+        return _png(len(sizes), sizes[key])
+
+    for key in ("a.jpg", "a.png", "a.jpg.png",  # suffix swap and fallback meet
+                "pack.tar/m.png",  # a folder named like the archive beside it
+                "pack.tar~/m.png",  # and one named like that folder's escape
+                "nest.tar/inner.tar/y.png",
+                "h.tar#m.png"):  # '#' in a loose name, beside an archive h.tar with a member m.png
+        storage.write_bytes(f"{inputs}/{key}", image(key))
+    archives_in = {
+        "pack.tar": ["m.png"],
+        "order.tar": ["x.jpg.gif", "x.gif", "x.jpg"],  # in this order the fallback of x.jpg is taken
+        "nest.tar": ["inner.tar/y.png"],
+        "nest.tar/inner.tar": ["y.png"],
+        "h.tar": ["m.png"],
+        "we#ird.tar": ["m.png"],  # '#' in an archive's name
+        "dup.tar": ["d.png", "d.png", "d.png"],  # a name repeated (tar append): one row each
+    }
+    for archive, members in archives_in.items():
+        entries = [(m, image(f"{archive}#{m}#{i}")) for i, m in enumerate(members)]
+        storage.write_bytes(f"{inputs}/{archive}", _tar(entries))
+    r = genray("process", "superres", "--input", inputs, "--output", out, "--model", sr_model_uri,
+               "--batch-size", "4", "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    rows = [row for row in read_manifest_table(out).to_pylist() if not archives.is_archive(row["input_key"])
+            or "#" in row["input_key"]]
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert len(ok) == len(sizes) and len(rows) == len(sizes), [(r["input_key"], r["error"]) for r in rows]
+    assert len({row["input_key"] for row in ok}) == len(ok)
+    assert len({row["output_key"] for row in ok}) == len(ok)
+    # Every output holds its own input, x4: none was written over by another input's.
+    widths = sorted(decode_image(storage.read_bytes(f"{out}/{row['output_key']}")).shape[1] for row in ok)
+    assert widths == sorted(4 * s for s in sizes.values())
+    keys = {row["input_key"] for row in ok}
+    assert {"h.tar%23m.png", "h.tar#m.png", "we%23ird.tar#m.png", "dup.tar#d.png", "dup.tar#d.png#2",
+            "dup.tar#d.png#3"} <= keys
+    by_input = {row["input_key"]: row["output_key"] for row in ok}
+    assert by_input["pack.tar#m.png"] == "pack.tar/m.png" and by_input["pack.tar/m.png"] == "pack.tar~/m.png"
+
+    # A rerun skips all of them (their keys are stable), and the archive rows say read in full.
+    r = genray("process", "superres", "--input", inputs, "--output", out, "--model", sr_model_uri,
+               "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{'skipped':<8} {len(sizes):>7}" in r.stdout and f"{'ok':<8} {0:>7}" in r.stdout
+
+
+# --- two runs on one output prefix --------------------------------------------------------------------------------
+
+def test_a_second_run_on_a_held_output_prefix_is_refused_through_the_cli(ray_local, sr_model_uri, s3_bucket):
+    storage.write_bytes(f"{s3_bucket}/in/a.png", _png(0, 8))
+    out = f"{s3_bucket}/out"
+    address = ray_local.get_runtime_context().gcs_address
+    holder = Lease(out, "run-holding-it", seconds=600).acquire()  # what a running job holds
+    try:
+        r = genray("process", "superres", "--input", f"{s3_bucket}/in", "--output", out, "--model",
+                   sr_model_uri, "--address", address)
+        assert r.returncode != 0 and "another run (run-holding-it" in r.stderr, r.stderr[-2000:]
+        assert not any(o.key.endswith(".png") for o in storage.list_objects(out))
+    finally:
+        holder.release()
+    # A dead run's lease (not renewed) expires and is taken over.
+    Lease(out, "run-that-died", seconds=1).acquire()._stop.set()
+    time.sleep(1.5)
+    r = genray("process", "superres", "--input", f"{s3_bucket}/in", "--output", out, "--model", sr_model_uri,
+               "--address", address)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "taking over the expired lease of run run-that-died" in r.stdout
+    assert not storage.exists(f"{out}/_genray_lease.json")  # released at the end
+
+
+def test_shard_numbers_are_never_reused(s3_bucket):
+    out = f"{s3_bucket}/shards"
+    storage.write_bytes(f"{out}/shard-000000.tar", b"someone else's shard")
+    # A writer that believes the prefix is empty (a listing that missed a shard) still never overwrites one.
+    writer = archives.ShardWriter(out, max_samples=1, start_index=0)
+    writer.add([("a.png", _png(0, 8))])
+    assert storage.read_bytes(f"{out}/shard-000000.tar") == b"someone else's shard"
+    assert [o.key for o in storage.list_objects(out)] == ["shard-000000.tar", "shard-000001.tar"]
+    # A listing that fails is an error, never "no shards yet" (which would restart the numbering at 0).
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        archives.next_shard_index("s3://genray-test-no-such-bucket/shards")
