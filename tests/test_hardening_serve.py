@@ -3,7 +3,6 @@ a trickled upload is cut off (408), client headers cannot switch off the proxy's
 timed-out forward stops, and uploads get the bulk jobs' decode limits (format allowlist, 16-bit)."""
 from __future__ import annotations
 
-import inspect
 import io
 import socket
 import time
@@ -14,10 +13,10 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers import genray, image_bytes, save_untrained_artifact
-from genray import images
 from genray.images import encode_png
 from genray.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError, load_token, open_access_error
+
+from helpers import genray, image_bytes, save_untrained_artifact
 
 SLOW = {"depth": 6, "width": 32}  # a photo denoiser slow enough that requests overlap (as in test_serve_limits)
 SLOW_IMAGE = encode_png(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
@@ -196,14 +195,6 @@ def test_16_bit_uploads_are_bounded_and_decoded(hard_app):
     assert r.status_code == 413, r.text
 
 
-def _allowlist_in_decode_image() -> bool:
-    # The format allowlist is being added to genray/images.py decode_image in issue 17's bulk part; until that
-    # lands here this test is an expected failure (strict: once it lands, the marker must go).
-    return "formats=" in inspect.getsource(images._open)
-
-
-@pytest.mark.xfail(not _allowlist_in_decode_image(), strict=True,
-                   reason="decode_image's format allowlist (issue 17, genray/images.py) has not landed yet")
 @pytest.mark.parametrize("fmt", ["PCX", "TGA", "PPM", "SGI"])
 def test_formats_outside_the_allowlist_are_refused(hard_app, fmt):
     buffer = io.BytesIO()
