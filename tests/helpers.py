@@ -3,17 +3,21 @@ configs, the manifest of a bulk job, crafted image bytes, the local multi-node c
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pds
 from PIL import Image
 
 from genray import storage
+from genray.images import encode_png
 from genray.runtime import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 GENRAY = str(Path(sys.executable).with_name("genray"))
@@ -82,3 +86,34 @@ def load_ray_local():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def read_history(output_uri: str) -> list[dict]:
+    """A training run's metrics.jsonl as dicts, one per epoch ([] before the first epoch is written)."""
+    if not storage.exists(f"{output_uri}/metrics.jsonl"):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(f"{output_uri}/metrics.jsonl").decode().splitlines()]
+
+
+def random_png(seed: int, size: int = 12) -> bytes:
+    """A size x size RGB PNG of seeded noise."""
+    return encode_png(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def tar_bytes(entries: list[tuple[str, bytes]], mode: str = "w") -> bytes:
+    """A tar with exactly these member names (unsafe ones included); an entry (name, b"") whose name starts with
+    'LINK:' / 'HARD:' / 'DEV:' / 'FIFO:' becomes that kind of entry (a link's target is /etc/passwd)."""
+    kinds = {"LINK": tarfile.SYMTYPE, "HARD": tarfile.LNKTYPE, "DEV": tarfile.CHRTYPE, "FIFO": tarfile.FIFOTYPE}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, data in entries:
+            kind, sep, rest = name.partition(":")
+            if sep and kind in kinds:
+                info = tarfile.TarInfo(rest)
+                info.type, info.linkname = kinds[kind], "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -10,7 +10,6 @@ import tarfile
 import time
 import zipfile
 
-import numpy as np
 import pytest
 import ray
 
@@ -18,33 +17,11 @@ from genray import archives, storage
 from genray.process.job import JobError, ProcessImages, run_process_job
 from genray.config import ProcessConfig
 from genray.datasets import export_dataset
-from genray.images import decode_image, encode_png
+from genray.images import decode_image
 
-from helpers import genray, read_manifest_table
+from helpers import genray, random_png, read_manifest_table, tar_bytes
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FailAt below runs in Ray's workers
-
-
-def _png(seed: int, size: int = 12) -> bytes:
-    return encode_png(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def _tar(entries: list[tuple[str, bytes]], mode: str = "w") -> bytes:
-    """A tar of regular files; an entry (name, b"") whose name starts with 'LINK:' / 'HARD:' / 'DEV:' / 'FIFO:'
-    becomes that kind of entry (the link target is /etc/passwd)."""
-    kinds = {"LINK": tarfile.SYMTYPE, "HARD": tarfile.LNKTYPE, "DEV": tarfile.CHRTYPE, "FIFO": tarfile.FIFOTYPE}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as tar:
-        for name, data in entries:
-            kind, sep, rest = name.partition(":")
-            info = tarfile.TarInfo(rest if sep else name)
-            if sep:
-                info.type, info.linkname = kinds[kind], "/etc/passwd"
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def _zip(entries: list[tuple[str, bytes]], symlink: str | None = None) -> bytes:
@@ -97,24 +74,24 @@ def test_brace_patterns():
 
 
 def test_unsafe_entries_are_refused_and_named(tmp_path):
-    entries = [("ok.png", _png(0)), ("../up.png", _png(1)), ("/etc/abs.png", _png(2)), ("LINK:link.png", b""),
-               ("HARD:hard.png", b""), ("DEV:dev", b""), ("FIFO:fifo", b""), ("./sub//fine.png", _png(3))]
-    (tmp_path / "a.tar").write_bytes(_tar(entries))
+    entries = [("ok.png", random_png(0)), ("../up.png", random_png(1)), ("/etc/abs.png", random_png(2)), ("LINK:link.png", b""),
+               ("HARD:hard.png", b""), ("DEV:dev", b""), ("FIFO:fifo", b""), ("./sub//fine.png", random_png(3))]
+    (tmp_path / "a.tar").write_bytes(tar_bytes(entries))
     got = {m.name: m.error for m in archives.read_members(str(tmp_path / "a.tar"), 1 << 20)}
     assert got["ok.png"] is None and got["sub/fine.png"] is None
     assert "'..'" in got["../up.png"] and "absolute" in got["/etc/abs.png"]
     assert "symbolic link" in got["link.png"] and "hard link" in got["hard.png"]
     assert "character device" in got["dev"] and "FIFO" in got["fifo"]
 
-    (tmp_path / "a.zip").write_bytes(_zip([("k/a.png", _png(4)), ("../z.png", _png(5))], symlink="k/l.png"))
+    (tmp_path / "a.zip").write_bytes(_zip([("k/a.png", random_png(4)), ("../z.png", random_png(5))], symlink="k/l.png"))
     got = {m.name: m.error for m in archives.read_members(str(tmp_path / "a.zip"), 1 << 20)}
     assert got["k/a.png"] is None and "'..'" in got["../z.png"] and "symbolic link" in got["k/l.png"]
 
 
 def test_truncated_archives_raise_after_what_they_could_read(tmp_path):
-    whole = _tar([(f"{i}.png", _png(i, 40)) for i in range(3)])
+    whole = tar_bytes([(f"{i}.png", random_png(i, 40)) for i in range(3)])
     cases = {"mid-member.tar": _cut_inside(whole, "1.png", 100), "at-a-header.tar": whole[:512],
-             "cut.tar.gz": gzip.compress(whole)[:-200], "cut.zip": _zip([("a.png", _png(0))])[:-10]}
+             "cut.tar.gz": gzip.compress(whole)[:-200], "cut.zip": _zip([("a.png", random_png(0))])[:-10]}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         seen = []
@@ -137,7 +114,7 @@ def test_shard_writer_by_count_and_bytes_round_trips(s3_bucket):
     writer = archives.ShardWriter(prefix, max_samples=3)
     committed = []
     for i in range(7):
-        committed += writer.add([(f"k/{i}.png", _png(i)), (f"k/{i}.json", b"{}")], i)
+        committed += writer.add([(f"k/{i}.png", random_png(i)), (f"k/{i}.json", b"{}")], i)
     # Two shards are committed as they fill; the third only on close: nothing partial is ever visible.
     assert [o.key for o in storage.list_objects(prefix)] == ["shard-000000.tar", "shard-000001.tar"]
     committed += writer.close()
@@ -186,13 +163,13 @@ def test_data_export_and_process_tar_shards_through_the_cli(ray_local, sr_model_
 
 def test_tar_tgz_and_zip_inputs_with_sidecars(ray_local, sr_model_uri, s3_bucket):
     inputs = f"{s3_bucket}/in"
-    images = {f"s{i}.png": _png(i) for i in range(3)}
+    images = {f"s{i}.png": random_png(i) for i in range(3)}
     sample = [("s0.png", images["s0.png"]), ("s0.json", b'{"caption": "zero"}'), ("s1.png", images["s1.png"]),
               ("s1.txt", b"one"), ("s2.png", images["s2.png"]), ("readme.md", b"not an image")]
-    storage.write_bytes(f"{inputs}/a.tar", _tar(sample))
-    storage.write_bytes(f"{inputs}/sub/b.tar.gz", _tar(sample, mode="w:gz"))
+    storage.write_bytes(f"{inputs}/a.tar", tar_bytes(sample))
+    storage.write_bytes(f"{inputs}/sub/b.tar.gz", tar_bytes(sample, mode="w:gz"))
     storage.write_bytes(f"{inputs}/c.zip", _zip(sample))
-    storage.write_bytes(f"{inputs}/loose.png", _png(9))
+    storage.write_bytes(f"{inputs}/loose.png", random_png(9))
     out = f"{s3_bucket}/out"
     cfg = _sr_config(inputs, out, sr_model_uri)
     summary = run_process_job(cfg)
@@ -230,7 +207,7 @@ def test_brace_pattern_over_shards_to_tar_output_shards(ray_local, sr_model_uri,
     writer = archives.ShardWriter(shards, max_samples=4)
     expected = []
     for i in range(10):  # 3 input shards: 4 + 4 + 2 samples, each an image and its .json
-        writer.add([(f"k{i:02d}.png", _png(i)), (f"k{i:02d}.json", f'{{"i": {i}}}'.encode())])
+        writer.add([(f"k{i:02d}.png", random_png(i)), (f"k{i:02d}.json", f'{{"i": {i}}}'.encode())])
         expected.append(f"shard-{i // 4:06d}.tar/k{i:02d}")
     writer.close()
     out = f"{s3_bucket}/out"
@@ -278,7 +255,7 @@ class FailAt(ProcessImages):
 
 def test_tar_output_resumes_after_a_crash_mid_shard(ray_local, sr_model_uri, s3_bucket):
     keys = [f"img{i:02d}.png" for i in range(12)]
-    storage.write_bytes(f"{s3_bucket}/in/in.tar", _tar([(k, _png(i)) for i, k in enumerate(keys)]))
+    storage.write_bytes(f"{s3_bucket}/in/in.tar", tar_bytes([(k, random_png(i)) for i, k in enumerate(keys)]))
     out = f"{s3_bucket}/out"
     cfg = _sr_config(f"{s3_bucket}/in/in.tar", out, sr_model_uri, output_format="tar", shard_size=4)
     FailAt.victim = "in.tar#img10.png"
@@ -310,15 +287,15 @@ def test_tar_output_resumes_after_a_crash_mid_shard(ray_local, sr_model_uri, s3_
 
 def test_tar_slip_and_truncated_archives_are_error_rows(ray_local, sr_model_uri, s3_bucket, tmp_path):
     inputs = f"{s3_bucket}/in"
-    evil = [("good.png", _png(0)), ("../../escape.png", _png(1)), ("/tmp/abs.png", _png(2)),
+    evil = [("good.png", random_png(0)), ("../../escape.png", random_png(1)), ("/tmp/abs.png", random_png(2)),
             ("LINK:link.png", b""), ("HARD:hard.png", b""), ("DEV:null", b""), ("corrupt.png", b"\x89PNG broken"),
-            ("a/../../up.png", _png(3))]
-    storage.write_bytes(f"{inputs}/evil.tar", _tar(evil))
-    storage.write_bytes(f"{inputs}/evil.zip", _zip([("good.png", _png(4)), ("../zip-escape.png", _png(5))],
+            ("a/../../up.png", random_png(3))]
+    storage.write_bytes(f"{inputs}/evil.tar", tar_bytes(evil))
+    storage.write_bytes(f"{inputs}/evil.zip", _zip([("good.png", random_png(4)), ("../zip-escape.png", random_png(5))],
                                                    symlink="zlink.png"))
-    whole = _tar([(f"t{i}.png", _png(10 + i, 40)) for i in range(4)])
+    whole = tar_bytes([(f"t{i}.png", random_png(10 + i, 40)) for i in range(4)])
     storage.write_bytes(f"{inputs}/truncated.tar", _cut_inside(whole, "t2.png", 1000))
-    storage.write_bytes(f"{inputs}/fine.png", _png(20))
+    storage.write_bytes(f"{inputs}/fine.png", random_png(20))
 
     out = tmp_path / "out"  # a local output: anything escaping it would land in tmp_path, or above
     summary = run_process_job(_sr_config(inputs, str(out), sr_model_uri))

@@ -22,19 +22,13 @@ from genray.images import encode_png
 from genray.cli import build_job
 from genray.submit import wait_until_done
 
-from helpers import read_manifest_table
+from helpers import read_history, read_manifest_table
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
 REPO = str(Path(__file__).resolve().parent.parent)
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = "configs/tiny/denoise_ae.yaml"
-
-
-def read_history(output_uri: str) -> list[dict]:
-    if not storage.exists(f"{output_uri}/metrics.jsonl"):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(f"{output_uri}/metrics.jsonl").decode().splitlines()]
 
 
 def wait_until(predicate, what: str, timeout: float, job=None, poll: float = 0.2):

@@ -21,16 +21,11 @@ import pytest
 from PIL import Image
 
 from genray import storage
-from genray.images import encode_png
 
-from helpers import genray, image_bytes, read_manifest_table
+from helpers import genray, image_bytes, random_png, read_manifest_table
 
 BOMB = 200 << 20  # what each crafted part really holds
 BUDGET = 128 << 20  # address space the reader may add to what it had after its imports
-
-
-def _png(seed: int, size: int = 12) -> bytes:
-    return encode_png(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
@@ -66,7 +61,7 @@ def pax_bomb_tgz() -> bytes:
         for _ in range(body >> 20):
             gz.write(b"a" * (1 << 20))
         gz.write(b"a" * (body % (1 << 20)) + b"\n" + b"\0" * (-record_len % 512))
-        _member(gz, "after.png", _png(1))
+        _member(gz, "after.png", random_png(1))
         gz.write(b"\0" * 1024)
     return buffer.getvalue()
 
@@ -75,12 +70,12 @@ def parts_tgz() -> bytes:
     """One sample with a 200 MB non-image part, a 200 MB .json sidecar, and 400 half-MB .txt parts."""
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1) as gz:
-        _member(gz, "s0.png", _png(2))
+        _member(gz, "s0.png", random_png(2))
         _stream_member(gz, "s0.bin", BOMB)
         _stream_member(gz, "s0.json", BOMB, b" ")
         for i in range(400):
             _stream_member(gz, f"s0.p{i:03d}.txt", BOMB // 400, b"x")
-        _member(gz, "s1.png", _png(3))
+        _member(gz, "s1.png", random_png(3))
         gz.write(b"\0" * 1024)
     return buffer.getvalue()
 
@@ -89,7 +84,7 @@ def lying_zip() -> bytes:
     """A zip whose bzip2 and lzma members declare 1,000 bytes and hold 200 MB of zeros each."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("ok.png", _png(4))
+        zf.writestr("ok.png", random_png(4))
         for name, method in (("bz.png", zipfile.ZIP_BZIP2), ("xz.png", zipfile.ZIP_LZMA)):
             info = zipfile.ZipInfo(name)
             info.compress_type = method
@@ -116,7 +111,7 @@ def bad_crc_tgz() -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for i in range(2):
-            data = _png(10 + i)
+            data = random_png(10 + i)
             info = tarfile.TarInfo(f"g{i}.png")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -245,9 +240,9 @@ def test_16_bit_and_float_images_decode_within_a_bound_per_pixel(kind, tmp_path)
 
 def test_every_bound_is_an_error_row_naming_its_limit_through_the_cli(ray_local, sr_model_uri, crafted):
     inputs, out = f"{crafted}/in", f"{crafted}/out"
-    storage.write_bytes(f"{inputs}/small.png", _png(20, 12))
-    storage.write_bytes(f"{inputs}/wide.png", _png(21, 40))  # x4 -> 160x160 = 25,600 output pixels
-    storage.write_bytes(f"{inputs}/big.png", _png(22, 200))  # ~120 kB, past --max-input-bytes
+    storage.write_bytes(f"{inputs}/small.png", random_png(20, 12))
+    storage.write_bytes(f"{inputs}/wide.png", random_png(21, 40))  # x4 -> 160x160 = 25,600 output pixels
+    storage.write_bytes(f"{inputs}/big.png", random_png(22, 200))  # ~120 kB, past --max-input-bytes
     # Outside the format allowlist though named .png: an ICO and a Targa file.
     storage.write_bytes(f"{inputs}/icon.png", image_bytes(Image.new("RGB", (16, 16), "red"), "ICO"))
     storage.write_bytes(f"{inputs}/targa.png", image_bytes(Image.new("RGB", (16, 16), "red"), "TGA"))

@@ -4,35 +4,18 @@ it, nested archives, '#' in names, a name repeated in a tar); two runs on one ou
 a lease, and a shard number is never reused. Crafted inputs in the real S3 server, through the real CLI."""
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 import time
 
-import numpy as np
 import pytest
 
 from genray import archives, storage
 from genray.config import ProcessConfig
-from genray.images import decode_image, encode_png
+from genray.images import decode_image
 from genray.process.job import JobError, run_process_job
 from genray.process.lease import Lease
 
-from helpers import genray, read_manifest_table
-
-
-def _png(seed: int, size: int) -> bytes:
-    return encode_png(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def _tar(entries: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from helpers import genray, random_png, read_manifest_table, tar_bytes
 
 
 # --- output equal to or inside the input ------------------------------------------------------------------------
@@ -40,7 +23,7 @@ def _tar(entries: list[tuple[str, bytes]]) -> bytes:
 @pytest.mark.parametrize("output", ["{in}", "{in}/", "{in}//", "{in}/./", "{in}/sub/../", "{in}/out",
                                     "{in}/x/..//out", "{root}"])
 def test_output_overlapping_the_input_is_refused_s3(sr_model_uri, s3_bucket, output):
-    storage.write_bytes(f"{s3_bucket}/in/a.png", _png(0, 8))
+    storage.write_bytes(f"{s3_bucket}/in/a.png", random_png(0, 8))
     cfg = ProcessConfig(task="superres", input_uri=f"{s3_bucket}/in", model_uri=sr_model_uri,
                         output_uri=output.format(**{"in": f"{s3_bucket}/in", "root": s3_bucket}))
     with pytest.raises(JobError, match="overlaps input"):
@@ -51,7 +34,7 @@ def test_output_overlapping_the_input_is_refused_s3(sr_model_uri, s3_bucket, out
 def test_output_reached_through_a_symlinked_folder_is_refused_through_the_cli(sr_model_uri, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    (inputs / "a.png").write_bytes(_png(0, 8))
+    (inputs / "a.png").write_bytes(random_png(0, 8))
     os.symlink(inputs, tmp_path / "alias")
     for output in (tmp_path / "alias", tmp_path / "alias" / "out", f"{tmp_path}//in/../in/out"):
         r = genray("process", "superres", "--input", str(inputs), "--output", str(output), "--model",
@@ -69,7 +52,7 @@ def test_every_input_gets_its_own_output_through_the_cli(ray_local, sr_model_uri
 
     def image(key: str) -> bytes:
         sizes[key] = 8 + len(sizes)
-        return _png(len(sizes), sizes[key])
+        return random_png(len(sizes), sizes[key])
 
     for key in ("a.jpg", "a.png", "a.jpg.png",  # suffix swap and fallback meet
                 "pack.tar/m.png",  # a folder named like the archive beside it
@@ -88,7 +71,7 @@ def test_every_input_gets_its_own_output_through_the_cli(ray_local, sr_model_uri
     }
     for archive, members in archives_in.items():
         entries = [(m, image(f"{archive}#{m}#{i}")) for i, m in enumerate(members)]
-        storage.write_bytes(f"{inputs}/{archive}", _tar(entries))
+        storage.write_bytes(f"{inputs}/{archive}", tar_bytes(entries))
     r = genray("process", "superres", "--input", inputs, "--output", out, "--model", sr_model_uri,
                "--batch-size", "4", "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -118,7 +101,7 @@ def test_every_input_gets_its_own_output_through_the_cli(ray_local, sr_model_uri
 # --- two runs on one output prefix --------------------------------------------------------------------------------
 
 def test_a_second_run_on_a_held_output_prefix_is_refused_through_the_cli(ray_local, sr_model_uri, s3_bucket):
-    storage.write_bytes(f"{s3_bucket}/in/a.png", _png(0, 8))
+    storage.write_bytes(f"{s3_bucket}/in/a.png", random_png(0, 8))
     out = f"{s3_bucket}/out"
     address = ray_local.get_runtime_context().gcs_address
     holder = Lease(out, "run-holding-it", seconds=600).acquire()  # what a running job holds
@@ -144,7 +127,7 @@ def test_shard_numbers_are_never_reused(s3_bucket):
     storage.write_bytes(f"{out}/shard-000000.tar", b"someone else's shard")
     # A writer that believes the prefix is empty (a listing that missed a shard) still never overwrites one.
     writer = archives.ShardWriter(out, max_samples=1, start_index=0)
-    writer.add([("a.png", _png(0, 8))])
+    writer.add([("a.png", random_png(0, 8))])
     assert storage.read_bytes(f"{out}/shard-000000.tar") == b"someone else's shard"
     assert [o.key for o in storage.list_objects(out)] == ["shard-000000.tar", "shard-000001.tar"]
     # A listing that fails is an error, never "no shards yet" (which would restart the numbering at 0).

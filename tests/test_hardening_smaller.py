@@ -3,41 +3,23 @@ carried only with an allowed name/extension; names with control characters (newl
 appear escaped in the manifest and the logs. Through the real CLI, against the S3 server and local folders."""
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 
-import numpy as np
 
 from genray import storage
-from genray.images import encode_png
 
-from helpers import genray, read_manifest_table
-
-
-def _png(seed: int, size: int = 10) -> bytes:
-    return encode_png(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def _tar(entries: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from helpers import genray, random_png, read_manifest_table, tar_bytes
 
 
 def test_local_symlinks_never_lead_reads_or_writes_outside_the_roots(ray_local, sr_model_uri, tmp_path):
     inputs, out, secret, elsewhere = (tmp_path / n for n in ("in", "out", "secret", "elsewhere"))
     for d in (inputs / "sub", out, secret, elsewhere):
         d.mkdir(parents=True)
-    (inputs / "a.png").write_bytes(_png(0))
-    (inputs / "sub" / "b.png").write_bytes(_png(1))
+    (inputs / "a.png").write_bytes(random_png(0))
+    (inputs / "sub" / "b.png").write_bytes(random_png(1))
     (inputs / "sub" / "deeper").mkdir()
-    (inputs / "sub" / "deeper" / "c.png").write_bytes(_png(3))  # its folder would be created through the link
-    (secret / "secret.png").write_bytes(_png(2))
+    (inputs / "sub" / "deeper" / "c.png").write_bytes(random_png(3))  # its folder would be created through the link
+    (secret / "secret.png").write_bytes(random_png(2))
     os.symlink(secret / "secret.png", inputs / "leak.png")  # a file symlink out of the input root
     os.symlink(secret, inputs / "linked")  # a folder symlink out of it
     os.symlink(elsewhere, out / "sub")  # the output's sub/ leads elsewhere
@@ -54,12 +36,12 @@ def test_local_symlinks_never_lead_reads_or_writes_outside_the_roots(ray_local, 
 
 def test_sidecar_allowlist_and_control_characters_through_the_cli(ray_local, sr_model_uri, s3_bucket):
     inputs, out = f"{s3_bucket}/in", f"{s3_bucket}/out"
-    storage.write_bytes(f"{inputs}/pack.tar", _tar([
-        ("s0.png", _png(0)), ("s0.json", b'{"caption": "zero"}'), ("s0.html", b"<script>"), ("s0.sh", b"rm -rf"),
-        ("bad\nname.png", _png(1)), ("rtl\u202egnp.png", _png(2)),
+    storage.write_bytes(f"{inputs}/pack.tar", tar_bytes([
+        ("s0.png", random_png(0)), ("s0.json", b'{"caption": "zero"}'), ("s0.html", b"<script>"), ("s0.sh", b"rm -rf"),
+        ("bad\nname.png", random_png(1)), ("rtl\u202egnp.png", random_png(2)),
     ]))
-    storage.write_bytes(f"{inputs}/new\tline\u202egnp.png", _png(3))  # (S3 servers refuse a newline in a key)
-    storage.write_bytes(f"{inputs}/plain.png", _png(4))
+    storage.write_bytes(f"{inputs}/new\tline\u202egnp.png", random_png(3))  # (S3 servers refuse a newline in a key)
+    storage.write_bytes(f"{inputs}/plain.png", random_png(4))
     r = genray("process", "superres", "--input", inputs, "--output", out, "--model", sr_model_uri,
                "--address", ray_local.get_runtime_context().gcs_address)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,7 +1,6 @@
 """Real Ray Train runs: 2 CPU workers, data and checkpoints in the real S3 server."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -11,11 +10,7 @@ from genray.model_artifact import read_meta
 from genray.images import decode_image
 from genray.training.trainer import run_training
 
-from helpers import tiny_train_config
-
-
-def read_history(output_uri: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_bytes(f"{output_uri}/metrics.jsonl").decode().splitlines()]
+from helpers import read_history, tiny_train_config
 
 
 def test_two_worker_run_writes_checkpoints_outputs_and_artefact(tiny_model):

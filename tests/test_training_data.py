@@ -3,9 +3,7 @@ read by Ray Data tasks and streamed to 2 Ray Train workers; labels from folders 
 (counted, named in metrics.jsonl) or fatal; bf16 autocast on CPU."""
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -22,18 +20,9 @@ from genray.datasets import TrainingDataError, list_units, read_images, unit_row
 from genray.training.data import sample_seed
 from genray.training.trainer import TrainingError, run_training
 
+from helpers import read_history, tar_bytes
+
 NOT_AN_IMAGE = b"\x89PNG\r\n\x1a\n but not really"
-
-
-def tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
-    """A tar with exactly these member names (unsafe ones included: ShardWriter would refuse them)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def write_digit_shards(prefix: str, num_shards: int, per_shard: int, bad: bool = False) -> str:
@@ -52,10 +41,6 @@ def write_digit_shards(prefix: str, num_shards: int, per_shard: int, bad: bool =
             i += 1
         storage.write_bytes(f"{prefix}/shard-{shard:06d}.tar", tar_bytes(files))
     return f"{prefix}/shard-{{000000..{num_shards - 1:06d}}}.tar"
-
-
-def read_history(output_uri: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_bytes(f"{output_uri}/metrics.jsonl").decode().splitlines()]
 
 
 def tiny(path: str, data_uri: str, out: str, *overrides: str):

@@ -2,7 +2,6 @@
 and a training worker killed mid-run is replaced and the run resumes from its last checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -17,12 +16,8 @@ from genray.config import load_config, read_yaml
 from genray.models import MODELS
 from genray.training.trainer import run_training
 
-from helpers import tiny_train_config
+from helpers import read_history, tiny_train_config
 
-
-
-def read_history(output_uri: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_bytes(f"{output_uri}/metrics.jsonl").decode().splitlines()]
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

@@ -17,14 +17,10 @@ from genray.images import encode_png
 from genray.cli import build_job
 from genray.submit import wait_until_done
 
+from helpers import read_history
+
 REPO = str(Path(__file__).resolve().parent.parent)
 TINY = "configs/tiny/denoise_ae.yaml"
-
-
-def read_history(output_uri: str) -> list[dict]:
-    if not storage.exists(f"{output_uri}/metrics.jsonl"):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(f"{output_uri}/metrics.jsonl").decode().splitlines()]
 
 
 def wait_for_epochs(output_uri: str, count: int, client, job_id: str, timeout: float) -> dict:
