@@ -117,3 +117,17 @@ def tar_bytes(entries: list[tuple[str, bytes]], mode: str = "w") -> bytes:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def lose_the_rank1_node(cluster, epoch_record: dict, output_uri: str) -> tuple[list[str], int, str]:
+    """Node loss in a training run on the local multi-node cluster (a ray_local.LocalCluster): `epoch_record`
+    (a metrics.jsonl row) placed one worker on each worker node; kill the rank-1 worker's node (every process of
+    it, at once), wait until Ray sees it dead, and add a fresh node. Returns (the node names ranks 0 and 1 were
+    on, the last epoch written before the kill, the new node's name)."""
+    names = cluster.names()
+    placed = [names[n] for n in epoch_record["worker_nodes"]]
+    assert sorted(placed) == cluster.workers()
+    cluster.kill_node(placed[1])
+    killed_after = read_history(output_uri)[-1]["epoch"]
+    cluster.wait_dead(epoch_record["worker_nodes"][1])
+    return placed, killed_after, cluster.add_node()

@@ -22,7 +22,7 @@ from genray.images import encode_png
 from genray.cli import build_job
 from genray.submit import wait_until_done
 
-from helpers import read_history, read_manifest_table
+from helpers import lose_the_rank1_node, read_history, read_manifest_table
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
@@ -61,16 +61,10 @@ def test_training_resumes_after_losing_a_worker_node(ray_cluster, digits_uri, s3
     # [1] A few checkpointed epochs, one worker on each worker node.
     before = wait_until(lambda: (h := read_history(out)) and len(h) >= 3 and h, "3 checkpointed epochs", 600,
                         job=(client, job_id))[-1]
-    names = ray_cluster.names()
-    placed_before = [names[n] for n in before["worker_nodes"]]
-    assert sorted(placed_before) == ray_cluster.workers()
 
     # [2] Lose the node of the rank-1 worker (every process of it, at once), then bring capacity back.
+    placed_before, killed_after, new_node = lose_the_rank1_node(ray_cluster, before, out)
     victim = placed_before[1]
-    ray_cluster.kill_node(victim)
-    killed_after = read_history(out)[-1]["epoch"]
-    ray_cluster.wait_dead(before["worker_nodes"][1])
-    new_node = ray_cluster.add_node()
 
     # [3] The job finishes: every epoch once, one resume from a checkpoint, the lost node replaced by the new one.
     info = wait_until_done(client, job_id, timeout=900)

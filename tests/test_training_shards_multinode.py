@@ -17,7 +17,7 @@ from genray.images import encode_png
 from genray.cli import build_job
 from genray.submit import wait_until_done
 
-from helpers import read_history
+from helpers import lose_the_rank1_node, read_history
 
 REPO = str(Path(__file__).resolve().parent.parent)
 TINY = "configs/tiny/denoise_ae.yaml"
@@ -69,15 +69,9 @@ def test_training_from_shards_spreads_over_two_nodes_and_resumes_after_losing_on
 
     # [1] A few checkpointed epochs, one worker on each worker node.
     before = wait_for_epochs(out, 3, client, job_id, 600)
-    names = ray_cluster.names()
-    placed_before = [names[n] for n in before["worker_nodes"]]
-    assert sorted(placed_before) == ray_cluster.workers()
 
     # [2] Lose the node of the rank-1 worker, then bring capacity back.
-    ray_cluster.kill_node(placed_before[1])
-    killed_after = read_history(out)[-1]["epoch"]
-    ray_cluster.wait_dead(before["worker_nodes"][1])
-    new_node = ray_cluster.add_node()
+    placed_before, killed_after, new_node = lose_the_rank1_node(ray_cluster, before, out)
 
     # [3] Every epoch once, one resume from a checkpoint in S3, all 96 shard images each epoch, the same step count.
     info = wait_until_done(client, job_id, timeout=900)
