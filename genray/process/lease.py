@@ -2,8 +2,9 @@
 
 `<output>/_genray_lease.json` is created with a conditional PUT (If-None-Match: *; locally a hard link, which fails
 if the file exists), renewed by a background thread, and deleted at the end. A second run finds it and refuses,
-naming the holder; a lease whose run died expires after `lease_seconds` and is then taken over with a
-compare-and-swap (If-Match on its ETag; locally a rename that only one taker wins).
+naming the holder; a lease whose run died expires after `lease_seconds` (at once when the holder was a process on
+this host that no longer exists) and is then taken over with a compare-and-swap (If-Match on its ETag; locally a
+rename that only one taker wins).
 """
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ LEASE_NAME = "_genray_lease.json"
 
 class LeaseError(RuntimeError):
     """Another run holds the output prefix."""
+
+
+def _holder_is_dead_here(held: dict) -> bool:
+    """A lease taken on this host by a process that no longer exists: a killed driver's, so a rerun of the same
+    command (the documented way to resume) need not wait for it to expire. Elsewhere only expiry can tell."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)  # signal 0: is there such a process?
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -51,14 +66,15 @@ class Lease:
             held = json.loads(storage.read_bytes(self.uri))
         except (storage.StorageError, ValueError):
             held, info = {}, None  # released between our PUT and now, or unreadable: treat as expired
-        if held.get("expires", 0) > time.time():
+        if held.get("expires", 0) > time.time() and not _holder_is_dead_here(held):
             raise LeaseError(
                 f"{self.uri}: another run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) is "
                 f"writing this output prefix until {time.strftime('%H:%M:%S', time.localtime(held['expires']))}; "
                 f"two runs at once would overwrite each other's outputs and shards. Wait for it, or delete the "
                 f"lease object if that run is dead (it expires by itself {self.seconds:g} s after its last renewal, "
                 f"--lease-seconds)")
-        self.log(f"[genray] taking over the expired lease of run {held.get('run_id')} on {self.uri}")
+        self.log(f"[genray] taking over the lease of run {held.get('run_id')} on {self.uri} (expired, or its process "
+                 "on this host is gone)")
         if not self._swap(info):
             raise LeaseError(f"{self.uri}: another run took over the expired lease first")
 
