@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from genray import archives, storage
 from genray.datasets import IMAGE_SUFFIXES
@@ -529,7 +530,9 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, 
     for row in pending:
         summary.record(row)
     if work.todo or units:
-        tracker = ray.remote(num_cpus=0)(AttemptTracker).remote()
+        # On the driver's node: the tracker must outlive any worker node the job loses.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptTracker).remote()
         ds = _dataset(cfg, work, digest, udf, log, tracker)
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
                                      cfg.shard_bytes)
@@ -616,9 +619,11 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
         num_cpus=cpus,
         # Ray hides GPUs from a worker that asked for none: without this, GPU nodes would run the model on CPU.
         num_gpus=cfg.gpus_per_actor or None,
-        # Ray Data restarts dead actors and retries their batches without limit; AttemptTracker bounds what one
-        # input can cost, so a batch needs at most one try per attempt of each of its inputs, plus the first.
-        max_task_retries=cfg.batch_size * cfg.max_attempts + 1,
+        # Ray Data restarts dead actors and retries their batches without limit, and that stays: AttemptTracker
+        # bounds what one input can cost (after max_attempts deaths it is an error row, not a retry). A count here
+        # would also be spent by a lost node: its actors' batches are retried at once, again and again, while the
+        # actors are rescheduled ("actor temporarily unavailable"), and the job failed (test_cluster_multinode).
+        max_task_retries=-1,
         # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
         # loses fewer of them (the manifest's node_id column shows where each image ran).
     )
