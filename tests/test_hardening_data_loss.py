@@ -118,7 +118,7 @@ def test_a_second_run_on_a_held_output_prefix_is_refused_through_the_cli(ray_loc
     r = genray("process", "superres", "--input", f"{s3_bucket}/in", "--output", out, "--model", sr_model_uri,
                "--address", address)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "taking over the expired lease of run run-that-died" in r.stdout
+    assert "taking over the lease of run run-that-died" in r.stdout
     assert not storage.exists(f"{out}/_genray_lease.json")  # released at the end
 
 
