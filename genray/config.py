@@ -52,6 +52,10 @@ class DataConfig(Strict):
     # Train workers hold every CPU (a read mostly waits on storage); on a cluster with CPU-only nodes for reading,
     # set it (e.g. 1) so reads are spread by CPU there.
     cpus_per_read_task: float = Field(default=0.0, ge=0)
+    # Read tasks in flight at once (None: the cluster's CPU count when the run starts). Each one is a worker
+    # process: with 0-CPU reads nothing else bounds them, and 90 processes starting at once on a 2-core node took
+    # two minutes before the first batch (genray demo, 1,440 digits in 90 read tasks).
+    max_read_tasks: int | None = Field(default=None, gt=0)
 
 
 class TrainParams(Strict):

@@ -26,6 +26,7 @@ def build_dataset(cfg: TrainConfig, channels: int | None):
     """The training set as a Ray Data dataset of decoded rows. Unit (file group / shard) order is reshuffled on
     every execution, i.e. every epoch (reproducibly from train.seed); small datasets (data.materialize) are read
     once and kept in the object store, larger ones are read again each epoch, streaming."""
+    import ray
     import ray.data
     from ray.data import RandomSeedConfig
 
@@ -37,6 +38,7 @@ def build_dataset(cfg: TrainConfig, channels: int | None):
     if not materialize and cfg.data.limit is None:
         ds = ds.randomize_block_order(seed=shuffle)  # units are blocks: this shuffles files and shards
     ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy", num_cpus=cfg.data.cpus_per_read_task,
+                        concurrency=cfg.data.max_read_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))),
                         fn_kwargs={"channels": channels, "data": cfg.data.model_dump(mode="json")})
     if cfg.data.limit is not None:
         ds = ds.limit(cfg.data.limit)
