@@ -28,7 +28,7 @@ def build_dataset(cfg: TrainConfig, channels: int | None):
     once and kept in the object store, larger ones are read again each epoch, streaming."""
     import ray
     import ray.data
-    from ray.data import RandomSeedConfig
+    from ray.data import RandomSeedConfig, TaskPoolStrategy
 
     units, total_bytes = list_units(cfg.data.uri, cfg.data, cfg.data.limit)
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
@@ -38,7 +38,8 @@ def build_dataset(cfg: TrainConfig, channels: int | None):
     if not materialize and cfg.data.limit is None:
         ds = ds.randomize_block_order(seed=shuffle)  # units are blocks: this shuffles files and shards
     ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy", num_cpus=cfg.data.cpus_per_read_task,
-                        concurrency=cfg.data.max_read_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))),
+                        compute=TaskPoolStrategy(cfg.data.max_read_tasks
+                                                 or max(1, int(ray.cluster_resources().get("CPU", 1)))),
                         fn_kwargs={"channels": channels, "data": cfg.data.model_dump(mode="json")})
     if cfg.data.limit is not None:
         ds = ds.limit(cfg.data.limit)
