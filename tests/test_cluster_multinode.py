@@ -1,7 +1,7 @@
 """Node loss on a real multi-node Ray (cluster/local/ray_local.py: a 0-CPU head and worker nodes, each its own
-process tree): a training run loses a worker node mid-run and resumes from its last checkpoint in S3 once a node
-is added back; a bulk job loses a node mid-job and still ends with every input exactly once. Both run as Ray jobs
-(the Jobs SDK and the `ray job submit` CLI), so the drivers live on the cluster's head, not in this process."""
+process tree): a bulk job loses a node mid-job and still ends with every input exactly once. It runs as a Ray job
+(the Jobs SDK and the `ray job submit` CLI), so the driver lives on the cluster's head, not in this process.
+Training's node loss is tests/test_training_shards_multinode.py."""
 from __future__ import annotations
 
 import pytest
@@ -19,16 +19,14 @@ import numpy as np
 
 from genray import storage
 from genray.images import encode_png
-from genray.cli import build_job
 from genray.submit import wait_until_done
 
-from helpers import lose_the_rank1_node, read_history, read_manifest_table
+from helpers import read_manifest_table
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
 REPO = str(Path(__file__).resolve().parent.parent)
 RAY = str(Path(sys.executable).with_name("ray"))
-TINY = "configs/tiny/denoise_ae.yaml"
 
 
 def wait_until(predicate, what: str, timeout: float, job=None, poll: float = 0.2):
@@ -45,47 +43,6 @@ def wait_until(predicate, what: str, timeout: float, job=None, poll: float = 0.2
                 f"job {info.status} before {what}:\n{client.get_job_logs(job_id)[-4000:]}"
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def test_training_resumes_after_losing_a_worker_node(ray_cluster, digits_uri, s3_bucket):
-    out = f"{s3_bucket}/train"
-    epochs = 16
-    entrypoint, runtime_env, _ = build_job("train", [
-        TINY, "--output", out, "--set", "name=node_loss", "--set", f"data.uri={digits_uri}/train/",
-        "--set", f"data.held_out_uri={digits_uri}/test/", "--set", "data.limit=null",
-        "--set", f"train.epochs={epochs}", "--set", "train.checkpoint_every=1", "--set", "train.max_failures=1",
-        "--set", "scaling.resources_per_worker={worker_slot: 1}"], REPO)  # one Train worker per worker node
-    client = ray_cluster.jobs_client()
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-
-    # [1] A few checkpointed epochs, one worker on each worker node.
-    before = wait_until(lambda: (h := read_history(out)) and len(h) >= 3 and h, "3 checkpointed epochs", 600,
-                        job=(client, job_id))[-1]
-
-    # [2] Lose the node of the rank-1 worker (every process of it, at once), then bring capacity back.
-    placed_before, killed_after, new_node = lose_the_rank1_node(ray_cluster, before, out)
-    victim = placed_before[1]
-
-    # [3] The job finishes: every epoch once, one resume from a checkpoint, the lost node replaced by the new one.
-    info = wait_until_done(client, job_id, timeout=900)
-    logs = client.get_job_logs(job_id)
-    assert str(info.status) == "SUCCEEDED", logs[-4000:]
-    history = read_history(out)
-    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
-    resumed = [r for r in history if "resumed_after_epoch" in r]
-    assert len(resumed) == 1 and resumed[0]["epoch"] == resumed[0]["resumed_after_epoch"] + 1
-    # From a checkpoint in S3, not from scratch; the latest registered one (the newest epoch's report may still
-    # have been in flight when the node went).
-    assert 1 <= resumed[0]["resumed_after_epoch"] <= killed_after
-    assert f"[genray] resuming node_loss after epoch {resumed[0]['resumed_after_epoch']}" in logs
-    assert history[-1]["step"] == epochs * history[0]["step"]  # optimizer steps carried over
-    names = ray_cluster.names()
-    placed_after = [names[n] for n in history[-1]["worker_nodes"]]
-    survivor = placed_before[0]
-    assert sorted(placed_after) == sorted([survivor, new_node])
-    print(f"\n[placement] training: epochs 1-{killed_after} on {placed_before} (ranks 0, 1); {victim} killed; "
-          f"resumed from the epoch-{resumed[0]['resumed_after_epoch']} checkpoint in S3 on {placed_after}, which "
-          f"ran epochs {resumed[0]['epoch']}-{epochs}")
 
 
 def _photo(seed: int, size: int = 40) -> np.ndarray:

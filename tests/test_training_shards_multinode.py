@@ -1,6 +1,7 @@
 """Training from WebDataset shards on a real multi-node Ray (cluster/local/ray_local.py): a brace pattern of tar
 shards in the S3 server streams through Ray Data to 2 Train workers on 2 worker nodes; a node is killed mid-run
-and the run resumes from its last checkpoint once a node is added back."""
+and the run resumes from its last checkpoint once a node is added back. (This is genray's one node-loss training
+test: loose files and shards take the same Ray Data path, and loose files are tested on the local Ray.)"""
 from __future__ import annotations
 
 import io
@@ -84,4 +85,8 @@ def test_training_from_shards_spreads_over_two_nodes_and_resumes_after_losing_on
     assert history[-1]["step"] == epochs * history[0]["step"]  # 96 images / 2 workers / batch 16 = 3 steps
     assert history[0]["step"] == 3 and all(r["data_errors"] == 0 for r in history)
     names = ray_cluster.names()
-    assert sorted(names[n] for n in history[-1]["worker_nodes"]) == sorted([placed_before[0], new_node])
+    placed_after = sorted(names[n] for n in history[-1]["worker_nodes"])
+    assert placed_after == sorted([placed_before[0], new_node])
+    assert f"[genray] resuming shards_node_loss after epoch {resumed[0]['resumed_after_epoch']}" in logs
+    print(f"\n[placement] training: epochs 1-{killed_after} on {placed_before} (ranks 0, 1); {placed_before[1]} "
+          f"killed; resumed from the epoch-{resumed[0]['resumed_after_epoch']} checkpoint in S3 on {placed_after}")
