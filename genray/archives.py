@@ -163,6 +163,8 @@ def is_sidecar(name: str) -> bool:
 
 
 def has_control(name: str) -> bool:
+    if name.isascii():  # the common case, at C speed: in ASCII only C0 controls and DEL are not printable
+        return not name.isprintable()
     return any(unicodedata.category(c) in _CONTROL_CATEGORIES for c in name)
 
 
