@@ -103,7 +103,7 @@ class Plan:
     refused: list[dict[str, Any]] = field(default_factory=list)  # error rows before any work
     units: list[dict[str, Any]] = field(default_factory=list)  # archives to read (read_stage.plan_archives)
     num_archives_done: int = 0  # archives read in full before (their members are in num_skipped)
-    num_died: int = 0  # inputs recorded as "worker died while processing it", not retried (--retry-errors)
+    num_died: int = 0  # inputs (and archives) recorded as "worker died while ...", not retried (--retry-errors)
 
 
 TODO_SCHEMA = pa.schema([("input_key", pa.string()), ("input_uri", pa.string()), ("input_etag", pa.string()),
@@ -171,8 +171,8 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
                                                            cfg.retry_errors)
         work.units, work.refused = units, work.refused + refused
         work.num_skipped += sum(r.get("num_rows") is None and r["status"] != "error" for r in skipped)
-        work.num_died += sum(r.get("num_rows") is None and r["status"] == "error" for r in skipped)
-        work.num_archives_done = sum(r.get("num_rows") is not None for r in skipped)
+        work.num_died += sum(r["status"] == "error" for r in skipped)  # an archive's own row too
+        work.num_archives_done = sum(r.get("num_rows") is not None and r["status"] != "error" for r in skipped)
     return work
 
 
@@ -266,8 +266,9 @@ def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.
         ok = _verify_outputs(cfg, ok, pc.filter(prev.column("output_key"), ok))
     work.num_skipped += pc.sum(ok).as_py() or 0
     if not cfg.retry_errors:  # inputs that killed --max-attempts workers stay error rows, untouched
+        error = prev.column("error").cast(pa.string())
         died = pc.and_kleene(pc.equal(status, pa.scalar("error")),
-                             pc.starts_with(prev.column("error").cast(pa.string()), manifest.WORKER_DIED))
+                             pc.or_kleene(*[pc.starts_with(error, prefix) for prefix in manifest.DIED]))
         died = pc.and_kleene(died, pc.equal(prev.column("input_etag"), page.column("input_etag")))
         died = pc.fill_null(pc.and_kleene(died, pc.equal(prev.column("model_digest").cast(pa.string()),
                                                           pa.scalar(digest))), False)
@@ -474,13 +475,14 @@ def check_apart(cfg: ProcessConfig) -> None:
                        f"overwrite its inputs or read its outputs as inputs; choose an output prefix beside the input")
 
 
-def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSummary:
-    """Run the job; `udf` swaps the actor class (tests inject faults through a subclass of ProcessImages).
-    A real run holds a lease on the output prefix (genray.process.lease): a second run at once is refused."""
+def run_process_job(cfg: ProcessConfig, log=print, udf: type = None, read_fn=None) -> JobSummary:
+    """Run the job; `udf` swaps the actor class and `read_fn` the read stage's read_stage.unit_rows (tests inject
+    faults through them). A real run holds a lease on the output prefix (genray.process.lease): a second run at
+    once is refused."""
     meta = check_model(cfg)
     check_apart(cfg)
     if cfg.dry_run:
-        return _run_process_job(cfg, log, udf, meta)
+        return _run_process_job(cfg, log, udf, read_fn, meta)
     from genray.process.lease import Lease, LeaseError
 
     run_id = manifest.new_run_id()
@@ -491,12 +493,12 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None) -> JobSumma
     except storage.StorageError as err:
         raise JobError(f"output {err}") from None
     try:
-        return _run_process_job(cfg, log, udf, meta, run_id)
+        return _run_process_job(cfg, log, udf, read_fn, meta, run_id)
     finally:
         lease.release()
 
 
-def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, Any],
+def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: dict[str, Any],
                      run_id: str | None = None) -> JobSummary:
     udf = udf or ProcessImages
     digest = meta["digest"]
@@ -533,7 +535,7 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, 
         # On the driver's node: the tracker must outlive any worker node the job loses.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptTracker).remote()
-        ds = _dataset(cfg, work, digest, udf, log, tracker)
+        ds = _dataset(cfg, work, digest, udf, log, tracker, read_fn)
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
                                      cfg.shard_bytes)
         progress = Progress(None if units else work.num_todo, log)
@@ -570,7 +572,8 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, meta: dict[str, 
     return summary
 
 
-def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracker=None) -> ray.data.Dataset:
+def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracker=None,
+             read_fn=None) -> ray.data.Dataset:
     """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
     cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
     # Start the MIN model actors before any data flows (Ray Data otherwise starts them in the background and the
@@ -593,10 +596,13 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
         todo = [row for ref in work.todo for row in ray.get(ref).to_pylist()]
         units = work.units + read_stage.file_units(todo)
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+        # Read tasks keep Ray Data's max_retries=-1 (a lost node must not fail the job, as for the model actors
+        # below): the tracker bounds what one archive or loose file can cost (read_stage._tracked_archive).
         ds = ds.map_batches(read_stage.read_units, batch_size=1,
                             fn_kwargs={"digest": digest, "tar": cfg.output_format == "tar",
                                        "max_member_bytes": read_stage.archive_limits(cfg),
-                                       "rows_per_block": cfg.batch_size})
+                                       "rows_per_block": cfg.batch_size, "tracker": tracker,
+                                       "max_attempts": cfg.max_attempts, "read": read_fn})
         # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MB): cut them at one
         # batch instead, so one archive feeds every model actor and finished rows stream back as they are done.
         # Ray Data fuses this into the read tasks only if both ask for the same resources: the default, 1 CPU

@@ -43,8 +43,11 @@ SCHEMA = pa.schema([
     ("node_id", pa.string()),  # the Ray node whose model actor made the row (None: refused before any work)
 ])
 COLUMNS = SCHEMA.names
-# The error of an input whose model worker died on it --max-attempts times: reruns skip it unless --retry-errors.
+# The error of an input whose model worker (or, for an archive or loose file, read worker) died on it --max-attempts
+# times: reruns skip it unless --retry-errors.
 WORKER_DIED = "worker died while processing it"
+WORKER_DIED_READING = "worker died while reading it"
+DIED = (WORKER_DIED, WORKER_DIED_READING)
 
 
 # A folder whose name ends like an archive ('a.tar/') gets this mark in output keys, as does a folder already
@@ -130,7 +133,7 @@ def is_done(prev: dict[str, Any] | None, etag: str, digest: str, output_key: str
 
 def died_before(prev: dict[str, Any] | None, etag: str, digest: str) -> bool:
     """Whether `prev` records that this input (same ETag, same model) killed its workers: reruns skip it."""
-    return bool(prev) and prev["status"] == "error" and (prev["error"] or "").startswith(WORKER_DIED) \
+    return bool(prev) and prev["status"] == "error" and (prev["error"] or "").startswith(DIED) \
         and prev["input_etag"] == etag and prev["model_digest"] == digest
 
 

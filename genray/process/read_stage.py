@@ -4,12 +4,13 @@ actors; and the driver's end: tar output shards, and archive rows recorded only 
 
 Manifest rows of archive members have input_key 'shards/shard-000001.tar#a/b.jpg'; each archive also gets a row of
 its own (input_key = the archive): ok once it was read to the end, error when it could not be. A rerun skips an
-archive without opening it when that row and all its members' rows say done; otherwise it reads the archive again
-and skips the members that are done.
+archive without opening it when that row and all its members' rows say done, or when that row says its read
+workers died on it (unless --retry-errors); otherwise it reads the archive again and skips the members that are done.
 """
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from genray import archives, storage
 from genray.process import manifest
@@ -165,12 +167,13 @@ def plan_archives(objects: list[storage.ObjectInfo], done: dict[str, dict[str, A
                   and (manifest.SHARD_RE.match(r["output_key"] or "") is not None) == tar)
                   or (not retry_errors and manifest.died_before(r, obj.etag, digest))}
         prev = done.get(archives.loose_key(obj.key))
-        if prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag \
-                and prev["model_digest"] == digest and len(usable) == len(members):
-            # Read to the end before, and every member is done: nothing to read.
+        died = not retry_errors and manifest.died_before(prev, obj.etag, digest)
+        if died or (prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag
+                    and prev["model_digest"] == digest and len(usable) == len(members)):
+            # Read to the end before and every member is done, or its read workers died: nothing to read.
             skipped += [{**r, "seconds": 0.0} if r["status"] == "error" else
-                        {**r, "status": "skipped", "error": None, "seconds": 0.0} for r in members.values()]
-            skipped.append({**prev, "status": "skipped", "num_rows": len(members)})
+                        {**r, "status": "skipped", "error": None, "seconds": 0.0} for r in usable.values()]
+            skipped.append({**prev, "status": prev["status"] if died else "skipped", "num_rows": len(usable)})
         else:
             units.append({"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
                           "done": usable})
@@ -184,24 +187,106 @@ def file_units(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- read stage (tasks)
 
+READ_KEY = "read:"  # the AttemptTracker's keys of read units, apart from the model stage's input keys
+
+
 def read_units(batch: dict[str, np.ndarray], digest: str, tar: bool, max_member_bytes: int | archives.Limits,
-               rows_per_block: int) -> Iterator[pa.Table]:
+               rows_per_block: int, tracker=None, max_attempts: int = 3, read=None) -> Iterator[pa.Table]:
     """Ray Data map_batches generator: each unit (JSON) -> blocks of rows for the model actors. Loose images pass
     through (the actors read them); an archive is streamed member by member, `rows_per_block` rows at a time, so
-    one large archive feeds every actor and is never held in memory whole."""
+    one large archive feeds every actor and is never held in memory whole. With a `tracker` (AttemptTracker), a
+    unit whose read worker died `max_attempts` times gives error rows instead of another attempt. `read` stands
+    in for unit_rows (tests inject faults through it)."""
+    def read_unit(unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        return (read or unit_rows)(unit, digest, tar, max_member_bytes)
+
     for text in batch["unit"]:
         unit = json.loads(text)
-        if unit["kind"] == "files":
-            yield _table([{**row, "data": None, "sidecars": "", "result": ""} for row in unit["rows"]])
-            continue
-        rows = []
-        for row in _archive_rows(unit, digest, tar, max_member_bytes):
-            rows.append(row)
-            if len(rows) >= rows_per_block:
-                yield _table(rows)
-                rows = []
-        if rows:
-            yield _table(rows)
+        if tracker is None:
+            yield from _blocks(read_unit(unit), rows_per_block)
+        elif unit["kind"] == "files":
+            yield from _blocks(_tracked_files(unit, read_unit, digest, tracker, max_attempts), rows_per_block)
+        else:
+            yield from _tracked_archive(unit, read_unit, digest, rows_per_block, tracker, max_attempts)
+
+
+def unit_rows(unit: dict[str, Any], digest: str, tar: bool,
+              max_member_bytes: int | archives.Limits) -> Iterator[dict[str, Any]]:
+    """The rows of one read unit: a loose image's row as planned (its model actor reads it), an archive's members
+    one by one and then the archive's own row."""
+    if unit["kind"] == "files":
+        return ({**row, "data": None, "sidecars": "", "result": ""} for row in unit["rows"])
+    return _archive_rows(unit, digest, tar, max_member_bytes)
+
+
+def _blocks(rows: Iterator[dict[str, Any]], rows_per_block: int, giving=None) -> Iterator[pa.Table]:
+    """Rows -> tables of `rows_per_block`; `giving(n)` is called before the block that makes n rows handed on."""
+    block, given = [], 0
+    for row in rows:
+        block.append(row)
+        if len(block) >= rows_per_block:
+            given += len(block)
+            if giving:
+                giving(given)
+            yield _table(block)
+            block = []
+    if block:
+        if giving:
+            giving(given + len(block))
+        yield _table(block)
+
+
+def _died_reading(attempts: int, max_attempts: int) -> str:
+    return f"{manifest.WORKER_DIED_READING} ({attempts} attempts, limit --max-attempts {max_attempts})"
+
+
+# Ray Data runs read tasks with max_retries=-1: a task whose worker died runs again, without limit (a lost node must
+# not fail the job), and the tracker bounds what one unit can cost. Ray expects a retried generator task to give
+# the same outputs: where the dead attempt's output at some position was taken already, the retry's is dropped. So
+# a retry gives, block for block, what the dead attempt gave, and changes only what comes after: an archive's
+# give-up attempt replays the rows handed on before it appends its error row; a loose-file group gives one row per
+# file, in the same order, whether the file is read or refused.
+
+def _tracked_archive(unit: dict[str, Any], read_unit, digest: str, rows_per_block: int, tracker,
+                     max_attempts: int) -> Iterator[pa.Table]:
+    """An archive's blocks; once `max_attempts` read workers died reading it, the rows they handed on and then the
+    archive's own row as an error (the members after those are not read: reruns skip it unless --retry-errors)."""
+    key = READ_KEY + archives.loose_key(unit["key"])
+    prior, given = ray.get(tracker.begin_read.remote(key))
+    rows = read_unit(unit)
+    if prior >= max_attempts:
+        rows = _replay_then_fail(unit, rows, given, digest, _died_reading(prior, max_attempts))
+    yield from _blocks(rows, rows_per_block, lambda n: ray.get(tracker.gave.remote(key, n)))
+    ray.get(tracker.finish.remote([key]))
+
+
+def _replay_then_fail(unit: dict[str, Any], rows: Iterator[dict[str, Any]], given: int, digest: str,
+                      error: str) -> Iterator[dict[str, Any]]:
+    last = None
+    for last in itertools.islice(rows, given):  # read without a death before: they were handed on
+        yield last
+    if last is None or last["input_key"] != archives.loose_key(unit["key"]):  # not read to its end
+        yield _archive_row(unit, digest, error, num_rows=given)
+
+
+def _tracked_files(unit: dict[str, Any], read_unit, digest: str, tracker,
+                   max_attempts: int) -> Iterator[dict[str, Any]]:
+    """A group of loose files' rows; a group a dead worker had begun is read one file at a time, so only the file
+    that kills is blamed, and after `max_attempts` deaths it is an error row (as the model stage does a batch)."""
+    keys = [READ_KEY + row["input_key"] for row in unit["rows"]]
+    if not ray.get(tracker.begin_batch.remote(keys)):
+        yield from read_unit(unit)
+        ray.get(tracker.finish.remote(keys))
+        return
+    for row, key in zip(unit["rows"], keys):
+        prior = ray.get(tracker.begin.remote(key))
+        if prior >= max_attempts:
+            got = [{**row, "data": None, "sidecars": "", "result": json.dumps(
+                error_row(row["input_key"], row["input_etag"], digest, _died_reading(prior, max_attempts)))}]
+        else:
+            got = list(read_unit({"kind": "files", "rows": [row]}))
+        ray.get(tracker.finish.remote([key]))  # read: a death from here on is not this file's
+        yield from got
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -247,11 +332,14 @@ def _archive_rows(unit: dict[str, Any], digest: str, tar: bool,
     except archives.ArchiveError as err:
         error = str(err)
     # The archive's own row, last: how many member rows it gave, so the driver can hold it back until they are in.
-    archive_key = archives.loose_key(key)
-    yield {"input_key": archive_key, "input_uri": unit["uri"], "input_etag": etag, "output_key": None, "data": None,
-           "sidecars": "", "result": json.dumps(error_row(archive_key, etag, digest, error,
-                                                          "error" if error else "ok",
-                                                          num_rows=sum(seen.values())))}
+    yield _archive_row(unit, digest, error, num_rows=sum(seen.values()))
+
+
+def _archive_row(unit: dict[str, Any], digest: str, error: str | None, num_rows: int) -> dict[str, Any]:
+    key = archives.loose_key(unit["key"])
+    return {"input_key": key, "input_uri": unit["uri"], "input_etag": unit["etag"], "output_key": None, "data": None,
+            "sidecars": "", "result": json.dumps(error_row(key, unit["etag"], digest, error, "error" if error else "ok",
+                                                           num_rows=num_rows))}
 
 
 def encode_sidecars(files: list[tuple[str, bytes]]) -> str:
