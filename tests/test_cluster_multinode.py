@@ -104,6 +104,8 @@ def test_bulk_job_loses_a_node_and_still_does_every_input_once(ray_cluster, sr_m
     assert {r["status"] for r in rows} == {"ok"}
     names = ray_cluster.names()
     per_node = Counter(names[r["node_id"]] for r in rows)
-    assert set(per_node) <= {survivor, victim, new_node} and per_node[survivor] > 0 and len(per_node) >= 2
+    # The survivor always works; the victim may have finished nothing before the kill on a loaded host (its
+    # in-flight input is then redone elsewhere, which is the point), so work on two nodes is not asserted.
+    assert set(per_node) <= {survivor, victim, new_node} and per_node[survivor] > 0
     print(f"\n[placement] bulk job: manifest rows per node {dict(per_node)}; {victim} killed with "
           f"{done_at_kill}/{len(keys)} outputs written; {new_node} added afterwards")
