@@ -503,10 +503,12 @@ class ShardWriter:
     SPOOL_BYTES = 64 << 20
 
     def __init__(self, prefix_uri: str, max_samples: int, max_bytes: int | None = None,
-                 start_index: int | None = None):
+                 start_index: int | None = None, before_commit: Callable[[], None] | None = None):
+        """`before_commit()` runs before each shard is written and may refuse it by raising (a lost lease)."""
         if max_samples <= 0 or (max_bytes is not None and max_bytes <= 0):
             raise ValueError(f"shard limits must be positive, got {max_samples} samples, {max_bytes} bytes")
         self.prefix_uri, self.max_samples, self.max_bytes = prefix_uri, max_samples, max_bytes
+        self.before_commit = before_commit
         self.index = next_shard_index(prefix_uri) if start_index is None else start_index
         self.written: list[str] = []  # URIs of the committed shards
         self.mtime = int(time.time())
@@ -544,6 +546,8 @@ class ShardWriter:
         self._items = []
 
     def _commit(self) -> list[tuple[str, Any]]:
+        if self.before_commit is not None:
+            self.before_commit()
         name = SHARD_NAME.format(self.index)
         self._tar.close()  # end-of-archive blocks
         self._spool.seek(0)

@@ -1,9 +1,11 @@
 """Issue 17, data loss: an output prefix equal to or inside the input (after normalisation) is refused; every input
 gets its own output key whatever the names (suffix swaps meeting fallbacks, a folder named like an archive beside
 it, nested archives, '#' in names, a name repeated in a tar); two runs on one output prefix at once are refused by
-a lease, and a shard number is never reused. Crafted inputs in the real S3 server, through the real CLI."""
+a lease (and a run that lost its lease commits no more shards), and a shard number is never reused. Crafted inputs
+in the real S3 server, through the real CLI."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -13,7 +15,7 @@ from genray import archives, storage
 from genray.config import ProcessConfig
 from genray.images import decode_image
 from genray.process.job import JobError, run_process_job
-from genray.process.lease import Lease
+from genray.process.lease import LEASE_NAME, Lease
 
 from helpers import genray, random_png, read_manifest_table, tar_bytes
 
@@ -120,6 +122,36 @@ def test_a_second_run_on_a_held_output_prefix_is_refused_through_the_cli(ray_loc
     assert r.returncode == 0, r.stderr[-2000:]
     assert "taking over the lease of run run-that-died" in r.stdout
     assert not storage.exists(f"{out}/_genray_lease.json")  # released at the end
+
+
+def test_a_run_that_lost_its_lease_commits_no_more_shards(ray_local, sr_model_uri, s3_bucket, monkeypatch):
+    for i in range(4):
+        storage.write_bytes(f"{s3_bucket}/in/img{i:02d}.png", random_png(i, 8))
+    out = f"{s3_bucket}/out"
+    cfg = ProcessConfig(task="superres", input_uri=f"{s3_bucket}/in", output_uri=out, model_uri=sr_model_uri,
+                        output_format="tar", shard_size=1, batch_size=1, cpus_per_actor=0.5)
+    check, calls = Lease.check, []
+
+    def taken_over_before_the_third_shard(lease):
+        # As if this run were paused past its lease's expiry: another run takes the lease over.
+        calls.append(lease.run_id)
+        if len(calls) == 3:
+            storage.write_bytes(lease.uri, json.dumps({"run_id": "run-that-took-over", "host": "elsewhere", "pid": 1,
+                                                       "expires": time.time() + 600}).encode())
+        check(lease)
+
+    monkeypatch.setattr(Lease, "check", taken_over_before_the_third_shard)
+    with pytest.raises(JobError, match=r"lost its lease on the output prefix \(run run-that-took-over on "
+                                       r"elsewhere holds it now\)"):
+        run_process_job(cfg)
+    # The two shards committed before the takeover, each in the manifest; none after it.
+    assert len(calls) == 3
+    shards = sorted(o.key for o in storage.list_objects(out, suffixes=(".tar",)))
+    assert shards == ["shard-000000.tar", "shard-000001.tar"]
+    rows = read_manifest_table(out).to_pylist()
+    assert sorted(r["output_key"].partition("#")[0] for r in rows) == shards
+    assert all(r["status"] == "ok" for r in rows)
+    assert json.loads(storage.read_bytes(f"{out}/{LEASE_NAME}"))["run_id"] == "run-that-took-over"  # left alone
 
 
 def test_shard_numbers_are_never_reused(s3_bucket):

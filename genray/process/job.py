@@ -29,6 +29,7 @@ from genray.model_artifact import ArtifactError, read_meta
 from genray.process import read_stage
 from genray.process import manifest
 from genray.process.attempts import AttemptTracker
+from genray.process.lease import Lease, LeaseError
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_png
 from genray.runtime import ray_error_line
@@ -483,26 +484,24 @@ def run_process_job(cfg: ProcessConfig, log=print, udf: type = None, read_fn=Non
     check_apart(cfg)
     if cfg.dry_run:
         return _run_process_job(cfg, log, udf, read_fn, meta)
-    from genray.process.lease import Lease, LeaseError
-
-    run_id = manifest.new_run_id()
     try:
-        lease = Lease(cfg.output_uri, run_id, cfg.lease_seconds, log).acquire()
+        lease = Lease(cfg.output_uri, manifest.new_run_id(), cfg.lease_seconds, log).acquire()
     except LeaseError as err:
         raise JobError(str(err)) from None
     except storage.StorageError as err:
         raise JobError(f"output {err}") from None
     try:
-        return _run_process_job(cfg, log, udf, read_fn, meta, run_id)
+        return _run_process_job(cfg, log, udf, read_fn, meta, lease)
     finally:
         lease.release()
 
 
 def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: dict[str, Any],
-                     run_id: str | None = None) -> JobSummary:
+                     lease: Lease | None = None) -> JobSummary:
+    """The job under its `lease` (None: a dry run, which writes nothing)."""
     udf = udf or ProcessImages
     digest = meta["digest"]
-    summary = JobSummary(run_id=run_id or manifest.new_run_id())
+    summary = JobSummary(run_id=lease.run_id if lease else manifest.new_run_id())
     if cfg.dry_run:
         def sink(table: pa.Table) -> None:  # the dry run logs each block as it is planned and keeps nothing
             for key, out in zip(table.column("input_key").to_pylist(), table.column("output_key").to_pylist()):
@@ -536,8 +535,10 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptTracker).remote()
         ds = _dataset(cfg, work, digest, udf, log, tracker, read_fn)
+        # Each shard is committed only while this run still holds the lease (the renewal thread alone cannot stop
+        # a run that was paused past its expiry and taken over from writing shards beside the new holder).
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
-                                     cfg.shard_bytes)
+                                     cfg.shard_bytes, before_commit=lease.check)
         progress = Progress(None if units else work.num_todo, log)
         try:
             for row in ds.iter_rows():
@@ -563,11 +564,17 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
             # Keep what finished: rerunning the same command then redoes only the rest.
             rows.abort()
             manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
+            if isinstance(err, LeaseError):  # the run holding the lease compacts (two at once could drop rows)
+                raise JobError(str(err)) from None
             manifest.compact(cfg.output_uri, summary.run_id, log)
             raise JobError(f"the job failed after {sum(progress.counts.values())} of {progress.total or '?'} images "
                            f"(rerun the same command to resume): {ray_error_line(err)}") from err
     manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
     summary.seconds = time.perf_counter() - started
+    try:
+        lease.check()
+    except LeaseError as err:
+        raise JobError(str(err)) from None
     summary.manifest_uri = manifest.compact(cfg.output_uri, summary.run_id, log)
     return summary
 

@@ -107,6 +107,26 @@ class Lease:
                 return False
             raise
 
+    def check(self) -> None:
+        """Raise LeaseError unless this run still holds the lease. Called before each tar shard is committed and
+        before the manifest is compacted: a run that lost it (paused past its expiry and taken over, or its lease
+        deleted by hand) must not write shards or rewrite manifest segments beside the run that holds it now."""
+        try:
+            held = json.loads(storage.read_bytes(self.uri))
+        except storage.StorageError as err:
+            if err.reason != "missing_object":
+                raise  # a storage failure: the write that follows would fail alike
+            held = {}
+        except ValueError:
+            held = {}
+        if held.get("run_id") == self.run_id:
+            return
+        self.lost = True
+        now = f"run {held.get('run_id')} on {held.get('host')} holds it now" if held else "the lease object is gone"
+        raise LeaseError(f"{self.uri}: this run ({self.run_id}) lost its lease on the output prefix ({now}); "
+                         f"stopped before writing more, so that two runs never write it at once. What this run "
+                         f"committed is in the manifest; rerun the same command once the other run is done")
+
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:

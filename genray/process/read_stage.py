@@ -370,8 +370,10 @@ class DriverRows:
     the one being filled when the job dies is never written, and its images are redone by the rerun); an archive's
     own row only after all its member rows (so 'read in full' in the manifest means every member is recorded)."""
 
-    def __init__(self, output_uri: str, tar: bool, shard_size: int, shard_bytes: int | None):
-        self.writer = archives.ShardWriter(output_uri, shard_size, shard_bytes) if tar else None
+    def __init__(self, output_uri: str, tar: bool, shard_size: int, shard_bytes: int | None, before_commit=None):
+        """`before_commit()`: run before each shard is written (the lease check, see ShardWriter)."""
+        self.writer = archives.ShardWriter(output_uri, shard_size, shard_bytes,
+                                           before_commit=before_commit) if tar else None
         self.held: dict[str, dict[str, Any]] = {}  # archive key -> its row, until its members are released
         self.released: Counter = Counter()  # archive key -> member rows released
         self.shards_committed = 0
