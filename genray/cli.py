@@ -320,9 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-archive-bytes", type=int, help="decompressed bytes read per archive (default 256 GiB)")
     pr.add_argument("--max-sample-bytes", type=int, help="bytes of one WebDataset sample's parts (default 1 GiB)")
     pr.add_argument("--max-attempts", type=int,
-                    help="an input whose model worker dies this many times becomes an error row (default 3)")
+                    help="an input (or archive) whose model or read worker dies this many times becomes an error "
+                         "row (default 3)")
     pr.add_argument("--retry-errors", action="store_true",
-                    help="also redo inputs recorded as 'worker died while processing it'")
+                    help="also redo inputs recorded as 'worker died while processing/reading it'")
     pr.add_argument("--lease-seconds", type=float,
                     help="the output prefix's lease expires this long after a dead run's last renewal (600)")
     pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
