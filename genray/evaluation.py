@@ -70,6 +70,9 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
+SSIM_NOTE = "SSIM with an 11x11 Gaussian window, sigma 1.5, as papers and BasicSR report it"
+
+
 # -- shared pieces --------------------------------------------------------------------------------------------
 
 def image_scores(clean: np.ndarray, result: np.ndarray, border: int = 0) -> dict[str, float]:
@@ -117,8 +120,8 @@ def eval_superres(loaded, images: list[np.ndarray], **_) -> TaskResult:
             if key in rows[base]:
                 metrics[f"{key[:-3]}_gain_over_{base}_db"] = rows["model"][key] - rows[base][key]
     notes = [f"{len(hrs)} held-out images, centre crops <= {EVAL_MAX_SIDE} px (sides multiples of {s}); LR = PIL "
-             f"bicubic downscale x1/{s}; PSNR/SSIM on uint8 (data range 255) with a {s}-px border left out; Y = "
-             "BT.601 luma in [16, 235]"]
+             f"bicubic downscale x1/{s}; PSNR/SSIM on uint8 (data range 255) with a {s}-px border left out; "
+             f"{SSIM_NOTE}; Y = BT.601 luma in [16, 235]"]
     return rows, metrics, notes, {}
 
 
@@ -171,7 +174,8 @@ def eval_denoise(loaded, images: list[np.ndarray], sigma: float | None = None, *
         metrics[f"psnr_gain_over_{key}_db"] = rows["model"]["psnr_db"] - rows[base]["psnr_db"]
     notes = [f"{len(cleans)} held-out images, centre crops <= {EVAL_MAX_SIDE} px; Gaussian noise sigma = {sigma:g} "
              f"(0..255 units, seed {NOISE_SEED}, rounded and clipped to uint8); PSNR/SSIM on uint8, data range 255, "
-             "no border crop; NL-means: h = 0.8 sigma, patch 5, distance 6, fast mode; TV: weight = sigma/255"]
+             f"no border crop; {SSIM_NOTE}; NL-means: h = 0.8 sigma, patch 5, distance 6, fast mode; "
+             "TV: weight = sigma/255"]
     return rows, metrics, notes, {}
 
 

@@ -1,4 +1,4 @@
-"""Image quality metrics, computed the way scikit-image computes them so numbers are comparable."""
+"""Image quality metrics, computed as papers and scikit-image compute them so numbers are comparable."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,30 +34,51 @@ def mean_psnr(references: np.ndarray, tests: np.ndarray, data_range: float) -> f
     return float(np.mean([psnr(r, t, data_range) for r, t in zip(references, tests)]))
 
 
-def ssim(reference: np.ndarray, test: np.ndarray, data_range: float, channel_axis: int | None = None) -> float:
-    """Mean structural similarity (Wang et al. 2004) as skimage.metrics.structural_similarity computes it by
-    default: a uniform 7x7 window, K1=0.01, K2=0.03, sample covariance, and the mean over the image with a
-    3-pixel border left out (where the window would hang over the edge). With channel_axis, the mean of the
-    per-channel values (RGB images: channel_axis=-1)."""
-    from scipy.ndimage import uniform_filter
+# SSIM windows. "gaussian" is what SR/denoising papers and BasicSR report (Wang et al. 2004: an 11x11 Gaussian
+# window, sigma 1.5, population covariance); "uniform7" is scikit-image's default (7x7 mean, sample covariance),
+# kept for comparison with numbers measured that way. genray reports "gaussian" unless a name says otherwise.
+SSIM_WINDOWS = ("gaussian", "uniform7")
 
+
+def ssim(reference: np.ndarray, test: np.ndarray, data_range: float, channel_axis: int | None = None,
+         window: str = "gaussian") -> float:
+    """Mean structural similarity (Wang et al. 2004), K1=0.01, K2=0.03, averaged over the image with a border of
+    half a window left out (where the window would hang over the edge: the same as BasicSR's 'valid' filtering).
+
+    window="gaussian": 11x11 Gaussian, sigma 1.5, population covariance — the paper/BasicSR SSIM, equal to
+    skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False).
+    window="uniform7": skimage's default (uniform 7x7, sample covariance).
+    With channel_axis, the mean of the per-channel values (RGB images: channel_axis=-1)."""
+    from scipy.ndimage import gaussian_filter, uniform_filter
+
+    if window not in SSIM_WINDOWS:
+        raise ValueError(f"ssim: window must be one of {SSIM_WINDOWS}, got {window!r}")
     reference = np.asarray(reference, dtype=np.float64)
     test = np.asarray(test, dtype=np.float64)
     if reference.shape != test.shape:
         raise ValueError(f"ssim: shapes differ: {reference.shape} vs {test.shape}")
     if channel_axis is not None:
         reference, test = np.moveaxis(reference, channel_axis, -1), np.moveaxis(test, channel_axis, -1)
-        return float(np.mean([ssim(reference[..., c], test[..., c], data_range)
+        return float(np.mean([ssim(reference[..., c], test[..., c], data_range, window=window)
                               for c in range(reference.shape[-1])]))
-    win_size = 7
+    if window == "gaussian":
+        win_size, cov_norm = 11, 1.0  # truncate 3.5 * sigma 1.5 -> radius 5
+
+        def blur(x):
+            return gaussian_filter(x, sigma=1.5, truncate=3.5)
+    else:
+        win_size = 7
+        num_points = win_size**reference.ndim
+        cov_norm = num_points / (num_points - 1)
+
+        def blur(x):
+            return uniform_filter(x, win_size)
     if min(reference.shape) < win_size:
         raise ValueError(f"ssim: every side must be at least {win_size}, got {reference.shape}")
-    num_points = win_size**reference.ndim
-    cov_norm = num_points / (num_points - 1)  # sample covariance, skimage's default
-    mean_x, mean_y = uniform_filter(reference, win_size), uniform_filter(test, win_size)
-    var_x = cov_norm * (uniform_filter(reference * reference, win_size) - mean_x * mean_x)
-    var_y = cov_norm * (uniform_filter(test * test, win_size) - mean_y * mean_y)
-    cov_xy = cov_norm * (uniform_filter(reference * test, win_size) - mean_x * mean_y)
+    mean_x, mean_y = blur(reference), blur(test)
+    var_x = cov_norm * (blur(reference * reference) - mean_x * mean_x)
+    var_y = cov_norm * (blur(test * test) - mean_y * mean_y)
+    cov_xy = cov_norm * (blur(reference * test) - mean_x * mean_y)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
          / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)))
@@ -65,7 +86,8 @@ def ssim(reference: np.ndarray, test: np.ndarray, data_range: float, channel_axi
     return float(s[tuple(slice(pad, -pad) for _ in s.shape)].mean())
 
 
-def mean_ssim(references: np.ndarray, tests: np.ndarray, data_range: float, channel_axis: int | None = None) -> float:
+def mean_ssim(references: np.ndarray, tests: np.ndarray, data_range: float, channel_axis: int | None = None,
+              window: str = "gaussian") -> float:
     """Mean of per-image SSIMs over the first axis; channel_axis counts within one image (RGB HWC: -1)."""
-    return float(np.mean([ssim(r, t, data_range, channel_axis) for r, t in zip(references, tests)]))
+    return float(np.mean([ssim(r, t, data_range, channel_axis, window) for r, t in zip(references, tests)]))
 

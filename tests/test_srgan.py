@@ -199,18 +199,46 @@ def _ssim_pairs():
             (np.moveaxis(rgb, -1, 0), np.moveaxis(noisy, -1, 0), 255, 0)]
 
 
+PAPER_SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)  # Wang et al. / BasicSR
+
+
 @pytest.mark.parametrize("index", range(4))
 def test_ssim_matches_skimage(index):
+    """The default is the paper SSIM (skimage with Gaussian weights); "uniform7" is skimage's own default."""
     reference, test, data_range, channel_axis = _ssim_pairs()[index]
-    theirs = structural_similarity(reference, test, data_range=data_range, channel_axis=channel_axis)
-    assert metrics.ssim(reference, test, data_range, channel_axis) == pytest.approx(theirs, abs=1e-3)
+    paper = structural_similarity(reference, test, data_range=data_range, channel_axis=channel_axis, **PAPER_SSIM)
+    uniform = structural_similarity(reference, test, data_range=data_range, channel_axis=channel_axis)
+    assert metrics.ssim(reference, test, data_range, channel_axis) == pytest.approx(paper, abs=1e-6)
+    assert metrics.ssim(reference, test, data_range, channel_axis, window="uniform7") == pytest.approx(uniform, abs=1e-6)
+    assert abs(paper - uniform) > 1e-4  # the two windows really differ on these images
     assert metrics.ssim(reference, reference, data_range, channel_axis) == pytest.approx(1.0)
+
+
+def test_ssim_is_basicsr_valid_gaussian_filtering():
+    """BasicSR's calculate_ssim: an explicit 11x11 Gaussian kernel (sigma 1.5) applied with 'valid' filtering,
+    written out here with numpy, independent of scipy and skimage."""
+    reference, test, data_range, _ = _ssim_pairs()[1]
+    x, y = reference.astype(np.float64), test.astype(np.float64)
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    window = np.outer(g / g.sum(), g / g.sum())
+
+    def valid(image):
+        patches = np.lib.stride_tricks.sliding_window_view(image, (11, 11))
+        return np.einsum("ijkl,kl->ij", patches, window)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_x, mu_y = valid(x), valid(y)
+    sxx, syy, sxy = valid(x * x) - mu_x**2, valid(y * y) - mu_y**2, valid(x * y) - mu_x * mu_y
+    basicsr = np.mean((2 * mu_x * mu_y + c1) * (2 * sxy + c2) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)))
+    assert metrics.ssim(reference, test, 255) == pytest.approx(basicsr, abs=1e-6)
+    with pytest.raises(ValueError, match="window must be one of"):
+        metrics.ssim(reference, test, 255, window="box")
 
 
 def test_mean_ssim_is_mean_of_per_image():
     reference, test, data_range, _ = _ssim_pairs()[0]
     pairs = [(reference, test), (reference[:20], test[:20])]
-    expected = np.mean([structural_similarity(r, t, data_range=255, channel_axis=-1) for r, t in pairs])
+    expected = np.mean([structural_similarity(r, t, data_range=255, channel_axis=-1, **PAPER_SSIM) for r, t in pairs])
     assert metrics.mean_ssim([p[0] for p in pairs], [p[1] for p in pairs], 255, channel_axis=-1) == pytest.approx(
         expected, abs=1e-3)
 
