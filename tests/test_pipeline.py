@@ -16,8 +16,10 @@ from genray import storage
 from genray.config import ConfigError, load_config
 from genray.datasets import load_embedded
 from genray.images import decode_image, encode_png
+from genray.pipeline.report import to_html
 from genray.pipeline.stages import GateFailed, PipelineConfig, check_gate, load_pipeline_config, run_pipeline
 
+from browser import load_page
 from helpers import free_port, GENRAY
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
@@ -85,8 +87,37 @@ def test_gate_pass_runs_the_bulk_job_and_serves_the_model(passed_run, serve_http
                  "| digits | denoise |", "## Serving", "![Loss curves](loss.png)", "![Samples (last epoch)](samples.png)",
                  "## Configuration"):
         assert text in report, text
-    for image in ("loss.png", "samples.png"):
+    for image in ("loss.png", "samples.png", "before_after_digits.png"):
         assert decode_image(storage.read_bytes(f"{run_prefix}/run/report/{image}"), channels=None).size > 0
+    assert "![Bulk job digits: input (left) and output (right)](before_after_digits.png)" in report
+
+
+def _download(prefix: str, to: Path) -> None:
+    for obj in storage.list_objects(prefix):
+        (to / obj.key).write_bytes(storage.read_bytes(obj.uri))
+
+
+def test_the_report_page_renders_in_chromium(passed_run, tmp_path):
+    """report/index.html, copied out of S3 as a user would, opens in headless Chromium with no console errors or
+    failed loads (every picture it shows is there) and draws a page that is not blank."""
+    run_prefix, _, _ = passed_run
+    _download(f"{run_prefix}/run/report", tmp_path)
+    page = load_page((tmp_path / "index.html").as_uri())
+    assert page.errors == [] and page.title.startswith("genray pipeline")
+    if os.environ.get("GENRAY_SCREENSHOT_DIR"):  # how docs/pipeline-report.png is made
+        (Path(os.environ["GENRAY_SCREENSHOT_DIR"]) / "pipeline-report.png").write_bytes(page.screenshot)
+    shot = decode_image(page.screenshot, channels=None)
+    assert shot.shape[0] > 1000 and shot.std() > 20  # a long page with tables and pictures, not a blank one
+    html = (tmp_path / "index.html").read_text()
+    for text in ("<h2>Quality gate</h2>", '<img src="loss.png"', '<img src="before_after_digits.png"', "<table>"):
+        assert text in html, text
+
+
+def test_the_page_check_sees_a_missing_picture(tmp_path):
+    """The Chromium check above is not vacuous: a report whose picture is missing is reported as an error."""
+    (tmp_path / "index.html").write_text(to_html("# r\n\n![gone](gone.png)\n", "r"))
+    page = load_page((tmp_path / "index.html").as_uri())
+    assert any("gone.png" in error for error in page.errors), page.errors
 
 
 def test_gate_fail_stops_with_a_report_and_deploys_nothing(passed_run, serve_http, digits_uri):

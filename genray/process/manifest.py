@@ -243,6 +243,21 @@ def read_manifest(output_uri: str) -> dict[str, dict[str, Any]]:
     return {row["input_key"]: row for row in read_latest(output_uri, log=lambda _: None).to_pylist()}
 
 
+def sample_rows(output_uri: str, n: int, status: str = "ok") -> list[dict[str, Any]]:
+    """Up to n recorded rows with `status`, reading manifest files one at a time and stopping early: a preview
+    (the pipeline report's before/after crops) that costs one file, not the whole manifest."""
+    rows: list[dict[str, Any]] = []
+    for info in _manifest_files(output_uri):
+        try:
+            table = _read_file(info, ["input_key", "output_key", "status"])
+        except (pa.ArrowInvalid, OSError):
+            continue
+        rows += table.filter(pc.equal(table["status"], status)).slice(0, n - len(rows)).to_pylist()
+        if len(rows) >= n:
+            break
+    return rows
+
+
 def find_sorted(keys: pa.Array, key: str, side: str = "left") -> int:
     """bisect on a sorted Arrow string array (a page's range in the manifest, without a Python list of keys)."""
     lo, hi = 0, len(keys)
