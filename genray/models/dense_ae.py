@@ -1,5 +1,5 @@
 """Dense autoencoder from the seed documents, on [0, 1] images: 784 -> latent -> 784, optionally sparse (L1 or
-KL activity penalty), or a 2-d latent plotted against PCA.
+KL activity penalty), or a 2-d latent plotted against PCA and t-SNE (with a k-NN accuracy for each).
 """
 from __future__ import annotations
 
@@ -153,17 +153,65 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
         outputs.append(torch.sigmoid(logits))
         codes.append(code)
     recon, code = torch.cat(outputs), torch.cat(codes)
-    return {
+    metrics = {
         "recon_mse": F.mse_loss(recon, x).item(),
         "psnr_recon_db": mean_psnr(x.numpy(), recon.numpy(), 1.0),
         "code_mean_activation": code.abs().mean().item(),
         "code_near_zero_fraction": (code.abs() < NEAR_ZERO).float().mean().item(),
         "num_eval_images": float(len(images)),
     }
+    embedded = embeddings(model, images, cfg)
+    if embedded and labels is not None:
+        for name, points in embedded.items():
+            accuracy = knn_accuracy(points, labels)
+            if accuracy is not None:
+                metrics[f"knn_accuracy_{name}"] = accuracy
+    return metrics
 
 
-def _embedding_png(codes: np.ndarray, projected: np.ndarray, labels: list[int] | None) -> bytes:
-    """Two scatter plots side by side: the autoencoder's 2-d codes and PCA's 2-d projection, coloured by label."""
+KNN_NEIGHBOURS, KNN_FOLDS = 5, 5
+
+
+def embeddings(model: nn.Module, images: list[np.ndarray], cfg: DenseAEConfig) -> dict[str, np.ndarray]:
+    """With a 2-d latent: the held-out images in 2-d three ways — the autoencoder's code, PCA and t-SNE of the
+    pixels (scikit-learn, fixed seeds) — so the learned embedding has two classical ones to be compared with."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    if cfg.latent_dim != 2 or len(images) < 2:
+        return {}
+    x = torch.from_numpy(to_float(np.stack(images), "sigmoid"))
+    if tuple(x.shape[1:]) != (cfg.channels, cfg.image_size, cfg.image_size):
+        return {}  # one code per image only when an image is one block
+    pixels = x.flatten(1).numpy()
+    with torch.no_grad():
+        codes = model.encode(x).numpy()
+    perplexity = min(30.0, (len(images) - 1) / 3)  # sklearn requires perplexity < n_samples
+    return {"autoencoder": codes,
+            "pca": PCA(n_components=2, random_state=0).fit_transform(pixels),
+            "tsne": TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(pixels)}
+
+
+def knn_accuracy(points: np.ndarray, labels: list[int]) -> float | None:
+    """How well an embedding keeps classes apart, as one number: the accuracy of a 5-nearest-neighbour
+    classifier on the 2-d points, stratified 5-fold cross-validated (None when a class has too few images)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    counts = np.bincount(np.asarray(labels))
+    folds = min(KNN_FOLDS, int(counts[counts > 0].min()))
+    if folds < 2 or len(labels) <= KNN_NEIGHBOURS * 2:
+        return None
+    scores = cross_val_score(KNeighborsClassifier(KNN_NEIGHBOURS), points, labels,
+                             cv=StratifiedKFold(folds, shuffle=True, random_state=0))
+    return float(scores.mean())
+
+
+_TITLES = {"autoencoder": "autoencoder 2-d code", "pca": "PCA, 2 components", "tsne": "t-SNE of the pixels"}
+
+
+def _embedding_png(embedded: dict[str, np.ndarray], labels: list[int] | None) -> bytes:
+    """The embeddings side by side, coloured by label, each titled with its k-NN accuracy when labels exist."""
     import io
 
     import matplotlib
@@ -172,14 +220,16 @@ def _embedding_png(codes: np.ndarray, projected: np.ndarray, labels: list[int] |
     import matplotlib.pyplot as plt
 
     colour = {"c": labels, "cmap": "tab10"} if labels is not None else {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), dpi=100)
-    for ax, points, title in ((axes[0], codes, "autoencoder 2-d code"), (axes[1], projected, "PCA, 2 components")):
+    fig, axes = plt.subplots(1, len(embedded), figsize=(5.5 * len(embedded), 5), dpi=100)
+    for ax, (name, points) in zip(axes, embedded.items()):
         scatter = ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.8, **colour)
-        ax.set_title(title)
+        accuracy = knn_accuracy(points, labels) if labels is not None else None
+        ax.set_title(_TITLES[name] + (f"\n{KNN_NEIGHBOURS}-NN accuracy {accuracy:.1%}" if accuracy is not None else ""))
         ax.grid(alpha=0.3)
     if labels is not None:
         fig.legend(*scatter.legend_elements(), title="label", loc="center right")
-    fig.suptitle(f"held-out images ({len(codes)})")
+    fig.suptitle(f"held-out images ({len(next(iter(embedded.values())))})")
+    fig.tight_layout(rect=(0, 0, 0.94, 0.95))  # room for the suptitle and the legend
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -188,18 +238,10 @@ def _embedding_png(codes: np.ndarray, projected: np.ndarray, labels: list[int] |
 
 @torch.no_grad()
 def extra_outputs(model: nn.Module, images: list[np.ndarray], labels: list[int] | None,
-                           cfg: DenseAEConfig) -> dict[str, bytes]:
-    """With a 2-d latent: {'embedding.png': codes of the held-out images next to their PCA projection}."""
-    from sklearn.decomposition import PCA
-
-    if cfg.latent_dim != 2 or len(images) < 2:
-        return {}
-    x = torch.from_numpy(to_float(np.stack(images), "sigmoid"))
-    if tuple(x.shape[1:]) != (cfg.channels, cfg.image_size, cfg.image_size):
-        return {}  # one code per image only when an image is one block
-    codes = model.encode(x).numpy()
-    projected = PCA(n_components=2, random_state=0).fit_transform(x.flatten(1).numpy())
-    return {"embedding.png": _embedding_png(codes, projected, labels)}
+                  cfg: DenseAEConfig) -> dict[str, bytes]:
+    """With a 2-d latent: {'embedding.png': the held-out images' codes next to their PCA and t-SNE embeddings}."""
+    embedded = embeddings(model, images, cfg)
+    return {"embedding.png": _embedding_png(embedded, labels)} if embedded else {}
 
 
 SPEC = ModelSpec(
