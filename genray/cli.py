@@ -243,7 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from genray.evaluation import evaluate_model, write_evaluation
 
     evaluation = evaluate_model(args.model, args.data, task=args.task, sigma=args.sigma, num_samples=args.samples,
-                                reference_model=args.reference_model, train_data=args.train_data, limit=args.limit)
+                                reference_model=args.reference_model, train_data=args.train_data, limit=args.limit,
+                                inception_weights=args.inception_weights)
     output = args.output or storage.join_uri(args.model, "eval", evaluation.task)
     json_uri, md_uri = write_evaluation(evaluation, output)
     if args.json:
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sigma", type=float, help="denoise: Gaussian noise sigma in 0..255 (default: the model's)")
     ev.add_argument("--samples", type=int, help="generate: samples per Fréchet distance (default 500)")
     ev.add_argument("--reference-model", help="generate: another artefact (e.g. a VAE) measured the same way")
+    ev.add_argument("--inception-weights", metavar="URI",
+                    help="generate: FID on Inception v3 features from this local or s3:// copy of torchvision's "
+                         "inception_v3_google-0cc3c7bd.pth (needed for images other than 28x28x1 digits)")
     ev.add_argument("--train-data", help="classify/reconstruct: training images for the baselines to fit on")
     ev.add_argument("--limit", type=int, help="only the first N held-out images (by key)")
     ev.add_argument("--output", help="where eval.json and eval.md go (default: <model>/eval/<task>/)")

@@ -179,38 +179,51 @@ def eval_denoise(loaded, images: list[np.ndarray], sigma: float | None = None, *
     return rows, metrics, notes, {}
 
 
-def _digits_features(images: np.ndarray, what: str) -> np.ndarray:
-    from genray.fid import classifier_features
+def _features(images: np.ndarray, what: str, inception_weights: str | None) -> np.ndarray:
+    """Inception v3 pool features when weights are given (any image size); else genray's digits classifier's,
+    which only digits (28x28x1) can go through."""
+    from genray.fid import InceptionWeightsError, classifier_features, inception_features
 
+    if inception_weights:
+        try:
+            return inception_features(images, inception_weights)
+        except InceptionWeightsError as err:
+            raise EvalError(str(err)) from None
     if images.shape[1:] != (28, 28, 1):
-        raise EvalError(f"the Fréchet distance uses genray's digits classifier, which needs 28x28x1 images; "
-                         f"{what} are {images.shape[1:]}")
+        raise EvalError(f"the Fréchet distance of {what} ({'x'.join(map(str, images.shape[1:]))}) needs Inception "
+                        "weights: pass --inception-weights URI (a local or s3:// copy of torchvision's "
+                        "inception_v3_google-0cc3c7bd.pth); without them genray's digits classifier only takes "
+                        "28x28x1 digits")
     return classifier_features(images)
 
 
 def eval_generate(loaded, images: list[np.ndarray], num_samples: int | None = None,
-                  reference_model: str | None = None, **_) -> TaskResult:
-    """Fréchet distance between generated samples and the held-out images on the digits classifier's features,
-    with the real-vs-real floor (two interleaved halves of the held-out set) and, given a reference artefact
-    (e.g. a VAE), the same distance for its samples."""
+                  reference_model: str | None = None, inception_weights: str | None = None, **_) -> TaskResult:
+    """Fréchet distance between generated samples and the held-out images — on Inception v3 features given
+    Inception weights, else on the digits classifier's — with the real-vs-real floor (two interleaved halves of
+    the held-out set) and, given a reference artefact (e.g. a VAE), the same distance for its samples."""
     from genray.fid import frechet_distance
 
     spec, cfg, model, _ = loaded
     n = num_samples or DEFAULT_SAMPLES
-    real = _digits_features(np.stack(images), "the held-out images")
+    real = _features(np.stack(images), "the held-out images", inception_weights)
     # Interleaved halves: key-sorted held-out data is class-sorted; the floor must compare like with like.
     floor = frechet_distance(real[0::2], real[1::2])
-    fid = frechet_distance(_digits_features(spec.generate(model, n, SAMPLE_SEED, cfg), "the samples"), real)
+    fid = frechet_distance(_features(spec.generate(model, n, SAMPLE_SEED, cfg), "the samples", inception_weights),
+                           real)
     rows = {"model": {"fid": fid}, "real vs real (floor)": {"fid": floor}}
     metrics = {"fid": fid, "fid_real_floor": floor, "fid_ratio_vs_floor": fid / max(floor, 1e-12)}
-    notes = [f"{n} samples (seed {SAMPLE_SEED}) vs {len(real)} held-out images on the 128 pre-activation features "
-             "of genray's digits classifier (genray/fid.py, not Inception); floor: even vs odd held-out images"]
+    features = (f"the 2048 pool features of Inception v3 ({inception_weights}), inputs resized to 299x299"
+                if inception_weights else
+                "the 128 pre-activation features of genray's digits classifier (genray/fid.py, not Inception)")
+    notes = [f"{n} samples (seed {SAMPLE_SEED}) vs {len(real)} held-out images on {features}; "
+             "floor: even vs odd held-out images"]
     if reference_model:
         ref_spec, ref_cfg, ref_model, _ = load_artifact(reference_model)
         if ref_spec.generate is None:
             raise ArtifactError(f"{reference_model}: a {ref_spec.name} model does not generate images")
-        ref_fid = frechet_distance(
-            _digits_features(ref_spec.generate(ref_model, n, SAMPLE_SEED, ref_cfg), "the reference's samples"), real)
+        ref_fid = frechet_distance(_features(ref_spec.generate(ref_model, n, SAMPLE_SEED, ref_cfg),
+                                             "the reference's samples", inception_weights), real)
         rows[f"reference {ref_spec.name}"] = {"fid": ref_fid}
         metrics[f"fid_{ref_spec.name}"] = ref_fid
         metrics[f"fid_ratio_vs_{ref_spec.name}"] = fid / max(ref_fid, 1e-12)
@@ -326,7 +339,8 @@ def _load_images(uri: str, channels: int | None, limit: int | None) -> tuple[lis
 
 def evaluate_model(model_uri: str, data_uri: str, task: str | None = None, sigma: float | None = None,
                    num_samples: int | None = None, reference_model: str | None = None,
-                   train_data: str | None = None, limit: int | None = None) -> Evaluation:
+                   train_data: str | None = None, limit: int | None = None,
+                   inception_weights: str | None = None) -> Evaluation:
     """Evaluate the artefact at model_uri on the images under data_uri (see the module docstring)."""
     from genray.datasets import labels_from_keys
 
@@ -341,7 +355,7 @@ def evaluate_model(model_uri: str, data_uri: str, task: str | None = None, sigma
         train_images, train_keys = _load_images(train_data, channels, None)
         train = (train_images, labels_from_keys(train_keys))
     result = EVALUATORS[task](loaded, images, labels=labels_from_keys(keys), sigma=sigma, num_samples=num_samples,
-                              reference_model=reference_model, train=train)
+                              reference_model=reference_model, train=train, inception_weights=inception_weights)
     rows, metrics, notes, per_class = result
     return Evaluation(task=task, model_uri=model_uri, data_uri=data_uri, family=spec.name, digest=meta["digest"],
                       rows=rows, metrics=metrics, notes=notes, per_class=per_class)

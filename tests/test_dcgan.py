@@ -155,6 +155,17 @@ def test_frechet_distance_matches_direct_formula():
     assert fid.frechet_distance(x, y) == pytest.approx(4.0 + 4.0, rel=0.05)
 
 
+def test_frechet_distance_with_fewer_samples_than_dimensions_is_the_same_formula():
+    """The small-sample route (an SVD of the Na x Nb product of centred features, as for 2048-d Inception
+    features of a few hundred images) gives the direct sqrtm formula's value."""
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(40, 120))
+    a = rng.normal(size=(60, 40)) @ mix
+    b = rng.normal(size=(90, 40)) @ mix * 0.7 + 0.2
+    assert fid.frechet_distance(a, b) == pytest.approx(_reference_frechet(a, b), rel=1e-6)
+    assert fid.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_frechet_distance_identical_is_zero_shift_is_larger():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(200, 8))

@@ -113,6 +113,39 @@ def test_eval_generate_with_floor_and_reference_vae(eval_models, digits_uri):
     assert metrics["fid_ratio_vs_vae"] == pytest.approx(metrics["fid"] / metrics["fid_vae"])
 
 
+def test_eval_generate_fid_on_inception_features(s3_bucket, digits_uri, tmp_path):
+    """A generator of 32x32 RGB images gets an FID on Inception v3 pool features from the weights URI (weights this
+    test writes: no machine here can download them); without weights, or with a file that is not Inception v3,
+    a one-line error says what to pass."""
+    import torch
+    from torchvision.models import inception_v3
+
+    from genray.evaluation import EvalError
+    from genray.fid import INCEPTION_FEATURES, INCEPTION_FILE, frechet_distance, inception_features
+
+    torch.manual_seed(0)
+    weights = tmp_path / INCEPTION_FILE
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
+    model = save_untrained_artifact(f"{s3_bucket}/dcgan32", "dcgan", variant="cifar32")
+    ev = evaluate_model(model, f"{digits_uri}/test/", num_samples=12, limit=16, inception_weights=str(weights))
+    assert ev.task == "generate" and "Inception v3" in ev.notes[0]
+    assert ev.metrics["fid"] > 0 and ev.metrics["fid_real_floor"] > 0
+    # The features are real Inception v3 pool features: 2048 per image, any input size, deterministic.
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 52, 3), dtype=np.uint8)
+    feats = inception_features(images, str(weights))
+    assert feats.shape == (3, INCEPTION_FEATURES)
+    np.testing.assert_allclose(inception_features(images[:2, :, :, :1], str(weights))[0],
+                               inception_features(np.repeat(images[:1, :, :, :1], 3, axis=-1), str(weights))[0],
+                               rtol=1e-5, atol=1e-5)  # grey = three equal channels
+    assert frechet_distance(feats, feats) == pytest.approx(0, abs=1e-3)
+    with pytest.raises(EvalError, match="needs Inception weights: pass --inception-weights"):
+        evaluate_model(model, f"{digits_uri}/test/", num_samples=4, limit=4)
+    wrong = tmp_path / "not_inception.pth"
+    torch.save({"layer.weight": torch.zeros(2)}, wrong)
+    with pytest.raises(EvalError, match="not an Inception v3 state_dict"):
+        evaluate_model(model, f"{digits_uri}/test/", num_samples=4, limit=4, inception_weights=str(wrong))
+
+
 def test_eval_classify_against_logistic_regression(eval_models, digits_uri):
     ev = evaluate_model(eval_models["sae_classifier"], f"{digits_uri}/test/", train_data=f"{digits_uri}/train/")
     assert ev.task == "classify"
