@@ -1,4 +1,5 @@
-"""The `genray` command: data export, train, eval, pipeline, process, serve, submit, jobs, demo. Every verb has --help."""
+"""The `genray` command: data export, train, eval, pipeline, process, serve, export, submit, jobs, demo. Every verb has
+--help."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,15 @@ from genray.tasks import BULK_TASKS, EVAL_TASKS
 def _user_errors() -> tuple[type[BaseException], ...]:
     from genray.model_artifact import ArtifactError
     from genray.evaluation import EvalError
+    from genray.export import ExportError
     from genray.process.job import JobError
     from genray.images import ImageError
     from genray.storage import StorageError
     from genray.submit import SubmitError
     from genray.training.trainer import TrainingError
 
-    return (ConfigError, StorageError, ArtifactError, JobError, TrainingError, ImageError, SubmitError, EvalError)
+    return (ConfigError, StorageError, ArtifactError, JobError, TrainingError, ImageError, SubmitError, EvalError,
+            ExportError)
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
@@ -256,6 +259,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from genray.export import export_model
+
+    report = export_model(args.model, args.format, args.to)
+    print(f"[genray] exported {report.family} {args.model} ({report.digest[:19]}...) as {args.format} to {args.to} "
+          f"({report.size_bytes / 1e6:.2f} MB)")
+    print("\n".join(report.lines()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from genray.demo import run_demo
 
@@ -376,6 +389,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure", action="store_true",
                     help="allow listening beyond loopback without a bearer token (otherwise serve refuses to start)")
     sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="write a model artefact as one ONNX or TorchScript file",
+                        description="Writes the artefact's network as ONNX (opened by onnxruntime) or TorchScript "
+                        "(torch.jit.load), float32 NCHW images in [0, 1] in and out (class logits for classifiers). "
+                        "Image-to-image families (denoisers, super-resolution, style nets, dense autoencoders) take "
+                        "any batch, height and width (multiples of the family's size multiple, at least its "
+                        "smallest side; pad as genray's Predictor does); the VAE and the classifier have one input "
+                        "size and are exported for it; DCGAN (no image goes in) cannot be exported. The file is run "
+                        "and compared with genray's Predictor at two sizes before it is written.")
+    ex.add_argument("--model", required=True, help="model artefact URI (genray train's <output>/model)")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript"),
+                    help="onnx needs the 'export' extra (pip install 'genray[export]')")
+    ex.add_argument("--to", required=True, help="the file to write: a local path or s3://bucket/key")
+    ex.set_defaults(func=cmd_export)
 
     sb = sub.add_parser("submit", help="run `genray train|process|pipeline` as a job on a Ray cluster",
                         description="Submit `genray train|process|pipeline ARGS` to a Ray cluster through the "

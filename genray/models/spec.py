@@ -74,6 +74,9 @@ class ModelSpec:
     interpolate: Callable[[nn.Module, int, int, Any], np.ndarray] | None = None
     scale: int = 1  # output size / input size (4 for x4 super-resolution)
     size_multiple: int = 1  # inputs are padded to a multiple of this before the forward pass
+    # The smallest input side the network takes as it is (it pads smaller inputs itself, in Python code that an
+    # exported graph cannot keep): `genray export` promises its files for sides of at least this.
+    min_side: int = 1
     loss_decreases: bool = True  # False for adversarial losses, which need not fall (the test battery reads it)
 
     @property

@@ -404,4 +404,5 @@ SPEC = ModelSpec(
     in_channels=lambda cfg: 3,
     make_dataset=make_dataset,
     size_multiple=4,
+    min_side=MIN_SIDE,
 )

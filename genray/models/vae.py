@@ -64,7 +64,7 @@ class VAE(nn.Module):
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent_dim) -> Bernoulli logits (B, C, S, S)."""
-        h = self.from_latent(z).view(len(z), -1, self.side, self.side)
+        h = self.from_latent(z).view(z.shape[0], -1, self.side, self.side)  # shape[0], not len(): exports keep N free
         return self.decoder(h)[:, :, : self.image_size, : self.image_size]  # crop 4*ceil(S/4) to S
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
