@@ -165,3 +165,41 @@ def test_shard_numbers_are_never_reused(s3_bucket):
     # A listing that fails is an error, never "no shards yet" (which would restart the numbering at 0).
     with pytest.raises(storage.StorageError, match="does not exist"):
         archives.next_shard_index("s3://genray-test-no-such-bucket/shards")
+
+
+def test_local_writes_fsync_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Atomic local writes (manifest parts, outputs): the staged file's data reaches the disk before it is renamed
+    over the final name, and the directory entry after, so a power loss leaves the old file or the whole new one.
+    The real os calls run; the test records which file each fsync was on (from /proc/self/fd) and the order."""
+    calls = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        calls.append(("replace", str(dst)))
+        return real_replace(src, dst, **kw)
+
+    def link(src, dst, **kw):
+        calls.append(("link", str(dst)))
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    target = tmp_path / "out" / "part-000.parquet"
+    storage.write_bytes(str(target), b"v1")
+    storage.write_bytes(str(target), b"v2")
+    storage.write_bytes(str(tmp_path / "out" / "lease.json"), b"{}", if_absent=True)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"v2"
+    directory = str(tmp_path / "out")
+    for final, op in ((str(target), "replace"), (str(target), "replace"), (directory + "/lease.json", "link")):
+        data_sync, rename, dir_sync = calls[:3]
+        del calls[:3]
+        assert data_sync[0] == "fsync" and os.path.dirname(data_sync[1]) == directory and data_sync[1] != final
+        assert rename == (op, final)
+        assert dir_sync == ("fsync", directory)
+    assert calls == [] and not [p for p in os.listdir(directory) if p.startswith(".")]  # no staged file left
