@@ -301,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("process", help="run a bulk job over an image prefix on Ray Data")
     pr.add_argument("task", choices=BULK_TASKS)
-    pr.add_argument("--input", help="a prefix of images and/or archives (.tar, .tar.gz, .tgz, .zip), one archive, "
-                    "or a brace pattern of shards: s3://b/shards/shard-{000000..000099}.tar")
-    pr.add_argument("--output", help="output prefix URI")
+    pr.add_argument("-i", "--input", help="a prefix of images and/or archives (.tar, .tar.gz, .tgz, .zip), one "
+                    "archive, or a brace pattern of shards: s3://b/shards/shard-{000000..000099}.tar")
+    pr.add_argument("-o", "--output", help="output prefix URI")
     pr.add_argument("--output-format", choices=("files", "tar"),
                     help="files (default): a PNG per input; tar: WebDataset shards <output>/shard-NNNNNN.tar")
     pr.add_argument("--shard-size", type=int, help="--output-format tar: images per shard (default 1000)")

@@ -75,7 +75,7 @@ def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket):
     r = genray(*args)
     assert r.returncode == 0 and "skipped        3" in r.stdout
 
-    r = genray("process", "denoise", "--input", inputs, "--output", f"{s3_bucket}/o2", "--model",
+    r = genray("process", "denoise", "-i", inputs, "-o", f"{s3_bucket}/o2", "--model",  # -i/-o: Real-ESRGAN's
                f"{s3_bucket}/not-a-model", "--address", address)
     assert r.returncode == 2 and "not a genray model artefact" in r.stderr
 
