@@ -18,7 +18,7 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
 
-def read_events(output_uri: str, local_dir) -> "EventAccumulator":  # noqa: F821 - tensorboard's, imported below
+def read_events(output_uri: str, local_dir):
     """The run's event files (copied from storage, local or s3://) loaded by TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
