@@ -52,6 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  checkpoints:    {cfg.output_uri.rstrip('/')}/checkpoints/{cfg.name}/")
     print(f"  samples:        {cfg.output_uri.rstrip('/')}/samples/ (epoch_NNN.png, progress.gif)")
     print(f"  metrics:        {cfg.output_uri.rstrip('/')}/metrics.jsonl, loss.png")
+    if cfg.tracking.tensorboard:
+        print(f"  tensorboard:    tensorboard --logdir {cfg.output_uri.rstrip('/')}/tensorboard")
+    if cfg.tracking.mlflow_uri:  # the URI itself stays out of the output: a server URL may carry a user name
+        print(f"  mlflow:         run '{cfg.name}' in experiment '{cfg.tracking.mlflow_experiment}'")
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(f"  final metrics:  {shown}")
     return 0

@@ -87,6 +87,16 @@ class ScalingParams(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking, written by rank 0 (genray/training/tracking.py; needs the `tracking` extra)."""
+    # TensorBoard event files under <output>/tensorboard/ (scalars and the sample grid per epoch, hparams).
+    tensorboard: bool = True
+    # An MLflow tracking URI: a local store (file:/abs/mlruns) or a server (http://host:5000). None: no MLflow.
+    # A file: store must be reachable from the rank-0 worker's node (shared storage on a real cluster).
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = Field(default="genray", min_length=1)
+
+
 class TrainConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # run name: same name + output resumes
     output_uri: str  # where checkpoints, samples, metrics and model/ go
@@ -94,6 +104,7 @@ class TrainConfig(Strict):
     data: DataConfig
     train: TrainParams = TrainParams()
     scaling: ScalingParams = ScalingParams()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("model", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   started=$(date +%s)
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[local,test,export]'
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[local,test,export,tracking]'
   touch "$stamp"
   echo "[setup] installed genray into .venv in $(( $(date +%s) - started ))s"
 fi

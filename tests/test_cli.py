@@ -50,16 +50,19 @@ def test_missing_bucket_is_one_clear_line(s3_server, tmp_path):
     assert "s3://no-such-bucket-cli" in r.stderr and "does not exist" in r.stderr
 
 
-def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket):
+def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket, tmp_path):
     # The CLI joins the test session's Ray through --address, as a user joins a cluster.
     address = ray_local.get_runtime_context().gcs_address
     out = f"{s3_bucket}/run"
     r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", f"data.uri={digits_uri}/train/",
                "--set", f"data.held_out_uri={digits_uri}/test/", "--set", "train.epochs=1",
-               "--output", out, "--address", address)
+               "--set", f"tracking.mlflow_uri=file:{tmp_path}/mlruns", "--output", out, "--address", address)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"model artefact: {out}/model" in r.stdout
+    assert f"tensorboard --logdir {out}/tensorboard" in r.stdout and "experiment 'genray'" in r.stdout
     assert read_meta(f"{out}/model")["metrics"]["epoch"] == 1
+    assert storage.list_objects(f"{out}/tensorboard")
+    assert any(tmp_path.glob("mlruns/*/*/artifacts/model/weights.pt"))  # the MLflow run's model artefact
 
     inputs = f"{s3_bucket}/in"
     for i in range(3):

@@ -19,7 +19,7 @@ from genray.config import TrainConfig, TrainParams
 from genray.models import get_spec
 from genray.models.data import fixed_batch, prepare_items
 from genray.models.layers import unwrap
-from genray.training import outputs
+from genray.training import outputs, tracking
 from genray.training.data import MAX_ERROR_KEYS, sample_seed, training_batches
 
 CHECKPOINT_FILE = "state.pt"
@@ -194,6 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if scaler is not None:
         state.optimizers = {name: ScaledOptimizer(opt, scaler) for name, opt in state.optimizers.items()}
     placement = worker_placement()
+    tracker = tracking.EpochTracker(cfg) if rank == 0 else None  # TensorBoard / MLflow, beside metrics.jsonl
 
     # [3] Epochs.
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -238,19 +239,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         # Metrics every epoch; a checkpoint every `checkpoint_every` epochs and at the end.
         with_checkpoint = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
-        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint)
+        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint, tracker)
 
 
-def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int, with_checkpoint: bool) -> None:
+def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int, with_checkpoint: bool,
+           tracker: tracking.EpochTracker | None = None) -> None:
     """Rank 0 writes outputs (and a checkpoint); every rank calls ray.train.report (it is a barrier)."""
     if rank != 0:
         ray.train.report(metrics)
         return
     modules = {name: unwrap(m).eval() for name, m in state.modules.items()}
-    if fixed is not None:
-        outputs.write_sample_grid(cfg.output_uri, epoch, spec.sample_grid(modules, fixed, cfg.model))
+    grid = spec.sample_grid(modules, fixed, cfg.model) if fixed is not None else None
+    if grid is not None:
+        outputs.write_sample_grid(cfg.output_uri, epoch, grid)
     outputs.write_metrics(cfg.output_uri, history)
     outputs.write_loss_plot(cfg.output_uri, history)
+    if tracker is not None:
+        tracker.log_epoch(epoch, metrics, grid)
     losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)
     print(f"[genray] epoch {epoch}/{cfg.train.epochs} {losses} {metrics['images_per_s']:.0f} img/s "
           f"({metrics['epoch_seconds']:.1f}s){' checkpoint' if with_checkpoint else ''}", flush=True)

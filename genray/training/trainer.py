@@ -15,7 +15,7 @@ from genray.model_artifact import save_artifact
 from genray.config import TrainConfig
 from genray.models import get_spec
 from genray.runtime import ray_error_line
-from genray.training import outputs
+from genray.training import outputs, tracking
 from genray.datasets import TrainingDataError, read_images
 from genray.training.data import build_dataset, fixed_rows
 from genray.training.loop import CHECKPOINT_FILE, FIXED_ROWS_KEY, train_loop_per_worker
@@ -83,10 +83,17 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train on Ray Train, then evaluate the final weights on held-out data and write `<output>/model/`."""
     spec = get_spec(cfg.model.family)
-    # [1] Distributed training; checkpoints go to <output>/checkpoints/<name>/.
+    # [1] Distributed training; checkpoints go to <output>/checkpoints/<name>/. The MLflow run (if any) is opened
+    # first, so a wrong tracking URI fails before any worker starts; rank 0 logs into it every epoch.
+    try:
+        mlflow_run = tracking.open_mlflow_run(cfg)
+    except tracking.TrackingError as err:
+        raise TrainingError(str(err)) from None
     try:
         result = build_trainer(cfg).fit()
     except ray.train.TrainingFailedError as err:
+        if mlflow_run:
+            mlflow_run.end("FAILED")
         raise TrainingError(f"training run {cfg.name!r} failed: {ray_error_line(err)}") from None
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
@@ -100,12 +107,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     # [3] Quality on held-out images, then the artefact.
     metrics: dict[str, Any] = {k: v for k, v in saved["history"][-1].items()}
+    held_out: dict[str, Any] = {}
     if cfg.data.held_out_uri:  # small by nature: read in this process, any input form the training data takes
         try:
             images, labels, _ = read_images(cfg.data.held_out_uri, spec.in_channels(cfg.model), cfg.data)
         except (TrainingDataError, storage.StorageError) as err:
             raise TrainingError(f"held-out data: {err}") from None
-        metrics.update(spec.evaluate(model, images, labels, cfg.model))
+        held_out = spec.evaluate(model, images, labels, cfg.model)
+        metrics.update(held_out)
         for name, data in (spec.extra_outputs(model, images, labels, cfg.model) if spec.extra_outputs else {}).items():
             storage.write_bytes(storage.join_uri(cfg.output_uri, name), data)
     model_uri = storage.join_uri(cfg.output_uri, "model")
@@ -114,4 +123,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                          "precision": cfg.train.precision,
                          "run_name": cfg.name, "num_workers": cfg.scaling.num_workers})
     outputs.write_progress_gif(cfg.output_uri)
+    if mlflow_run:
+        mlflow_run.end("FINISHED", tracking.scalar_metrics(held_out), step=saved["epoch"], model_uri=model_uri)
     return TrainResult(cfg.output_uri, model_uri, result.checkpoint.path, metrics)
