@@ -19,13 +19,35 @@ from helpers import GENRAY, free_port, genray, read_manifest_table
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
-VERBS = [[], ["data"], ["data", "export"], ["train"], ["eval"], ["process"], ["serve"], ["demo"]]
+VERBS = [[], ["data"], ["data", "export"], ["train"], ["eval"], ["process"], ["serve"], ["demo"], ["export"],
+         ["completion"]]
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v) or "genray")
 def test_every_verb_has_help(verb):
     r = genray(*verb, "--help")
     assert r.returncode == 0 and "usage: genray" in r.stdout
+
+
+def test_bash_completion_completes_verbs_tasks_and_flags():
+    """`genray completion bash` is a script bash loads; its completion function, called as bash calls it on <Tab>,
+    offers the parser's verbs, a verb's choices and its flags."""
+    r = genray("completion", "bash")
+    assert r.returncode == 0, r.stderr
+
+    def complete(*words: str) -> set[str]:
+        line = " ".join(words)
+        script = (f"{r.stdout}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMP_LINE='{line}'; "
+                  f"COMP_POINT={len(line)}; _shtab_genray; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return set(done.stdout.split())
+
+    assert complete("genray", "pro") == {"process"}
+    assert complete("genray", "process", "") >= {"denoise", "superres", "style"}
+    assert complete("genray", "process", "denoise", "--max-a") == {"--max-archive-members", "--max-archive-bytes",
+                                                                   "--max-attempts"}
+    assert complete("genray", "export", "--format", "") == {"onnx", "torchscript"}
 
 
 def test_data_export_writes_pngs_to_s3(s3_bucket):
