@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from genray.config import TrainConfig, TrainParams
+from genray.logs import EpochLines
 from genray.models import get_spec
 from genray.models.data import fixed_batch, prepare_items
 from genray.models.layers import unwrap
@@ -196,6 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     placement = worker_placement()
 
     # [3] Epochs.
+    lines = EpochLines(cfg.train.epochs, start_epoch)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         for m in state.modules.values():
             m.train()
@@ -238,10 +240,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         # Metrics every epoch; a checkpoint every `checkpoint_every` epochs and at the end.
         with_checkpoint = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
-        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint)
+        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint, lines)
 
 
-def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int, with_checkpoint: bool) -> None:
+def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int, with_checkpoint: bool,
+           lines: EpochLines) -> None:
     """Rank 0 writes outputs (and a checkpoint); every rank calls ray.train.report (it is a barrier)."""
     if rank != 0:
         ray.train.report(metrics)
@@ -252,8 +255,8 @@ def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, r
     outputs.write_metrics(cfg.output_uri, history)
     outputs.write_loss_plot(cfg.output_uri, history)
     losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)
-    print(f"[genray] epoch {epoch}/{cfg.train.epochs} {losses} {metrics['images_per_s']:.0f} img/s "
-          f"({metrics['epoch_seconds']:.1f}s){' checkpoint' if with_checkpoint else ''}", flush=True)
+    print(lines.line(epoch, f"{losses} {metrics['images_per_s']:.0f} img/s ({metrics['epoch_seconds']:.1f}s)"
+                            f"{' checkpoint' if with_checkpoint else ''}"), flush=True)
     if not with_checkpoint:
         ray.train.report(metrics)
         return
