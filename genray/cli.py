@@ -40,9 +40,10 @@ def cmd_data_export(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from genray.config import load_config
     from genray.runtime import init_ray
-    from genray.training.trainer import run_training
+    from genray.training.trainer import check_inputs, run_training
 
     cfg = load_config(args.config, train_overrides(args))
+    check_inputs(cfg)  # a wrong data.uri or output bucket: one line, before Ray starts
     init_ray(args.address)
     started = time.perf_counter()
     result = run_training(cfg)
@@ -88,13 +89,14 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
+    from genray import logs
     from genray.process.job import run_process_job
     from genray.runtime import init_ray
 
     cfg = process_config_from_args(args)
     if not cfg.dry_run:
         init_ray(args.address)
-    summary = run_process_job(cfg)
+    summary = run_process_job(cfg, log=logs.progress)
     print(summary.table())
     if summary.manifest_uri:
         print(f"[genray] manifest: {summary.manifest_uri}")
@@ -292,7 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from genray.datasets import DATASETS
 
+    from genray import __version__
+
     p = argparse.ArgumentParser(prog="genray", description=__doc__)
+    p.add_argument("--version", action="version", version=f"genray {__version__}")
+    # Global, so before the verb: `genray -q process ...`.
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="show Ray's logs and progress bars here instead of in the log file")
+    loud.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     sub = p.add_subparsers(dest="verb", required=True)
 
     data = sub.add_parser("data", help="embedded datasets").add_subparsers(dest="data_verb", required=True)
@@ -460,7 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from genray import logs
+
     args = build_parser().parse_args(argv)
+    logs.set_verbosity(logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.NORMAL)
     try:
         return args.func(args)
     except _user_errors() as err:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genray import storage
+from genray import logs, storage
 from genray.images import decode_image, encode_png
 from genray.runtime import free_port
 
@@ -23,7 +23,7 @@ NUM_NOISY = 24
 
 
 def _step(n: int, text: str) -> float:
-    print(f"\n[{n}] {text}", flush=True)
+    logs.progress(f"\n[{n}] {text}")
     return time.perf_counter()
 
 
@@ -68,12 +68,12 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         init_ray()
         import ray
 
-        print(f"    local Ray, node IP {ray.util.get_node_ip_address()} (loopback only)")
+        logs.progress(f"    local Ray, node IP {ray.util.get_node_ip_address()} (loopback only)")
         timings["start"] = time.perf_counter() - t
 
         t = _step(2, f"embedded digits -> {DATA}/digits/ (28x28 PNGs, train/ and test/)")
         written = export_dataset("digits", f"{DATA}/digits")
-        print(f"    {len(written)} images")
+        logs.progress(f"    {len(written)} images")
         timings["export"] = time.perf_counter() - t
 
         t = _step(3, f"Ray Train: denoising autoencoder, 2 workers, {epochs} epochs, checkpoints in S3")
@@ -87,23 +87,27 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         })
         result = run_training(cfg)
         m = result.metrics
-        print(f"    held-out PSNR: noisy {m['psnr_noisy_db']:.2f} dB -> denoised {m['psnr_denoised_db']:.2f} dB "
-              f"({m['psnr_gain_db']:+.2f} dB)")
+        logs.progress(f"    held-out PSNR: noisy {m['psnr_noisy_db']:.2f} dB -> "
+                      f"denoised {m['psnr_denoised_db']:.2f} dB ({m['psnr_gain_db']:+.2f} dB)")
         timings["train"] = time.perf_counter() - t
 
         t = _step(4, f"Ray Data bulk job: {NUM_NOISY} noisy digits + 1 corrupt file -> {DATA}/denoised/")
         pairs = make_noisy_inputs(f"{DATA}/digits/test/", f"{DATA}/noisy", NUM_NOISY)
         job = ProcessConfig(task="denoise", input_uri=f"{DATA}/noisy", output_uri=f"{DATA}/denoised",
                             model_uri=result.model_uri, batch_size=8)
-        summary = run_process_job(job)
-        print(summary.table())
+        summary = run_process_job(job, log=logs.progress)
+        # One line, not `genray process`'s table: the demo shows the manifest's error row as the point.
+        errors = "; ".join(f"{key}: {why}" for key, why in summary.errors)
+        logs.progress(f"    {summary.counts['ok']} ok, {summary.counts['error']} error ({errors}) in "
+                      f"{summary.seconds:.1f}s ({summary.images_per_s:.1f} images/s)")
         denoised = [decode_image(storage.read_bytes(f"{DATA}/denoised/{key}"), channels=1) for key, _ in pairs]
         clean = [image for _, image in pairs]
         noisy = [decode_image(storage.read_bytes(f"{DATA}/noisy/{key}"), channels=1) for key, _ in pairs]
         bulk_psnr = (mean_psnr(np.stack(clean), np.stack(noisy), 255), mean_psnr(np.stack(clean), np.stack(denoised), 255))
-        print(f"    bulk outputs PSNR: noisy {bulk_psnr[0]:.2f} dB -> denoised {bulk_psnr[1]:.2f} dB")
+        logs.progress(f"    bulk outputs PSNR: noisy {bulk_psnr[0]:.2f} dB -> denoised {bulk_psnr[1]:.2f} dB")
         rerun = run_process_job(job, log=lambda *_: None)
-        print(f"    rerun of the same command: {rerun.counts['skipped']} skipped, {rerun.counts['ok']} processed again")
+        logs.progress(f"    rerun of the same command: {rerun.counts['skipped']} skipped, "
+                      f"{rerun.counts['ok']} processed again")
         # The same model over archives as they are stored: held-out digits as WebDataset shards, tar shards out.
         shards = export_dataset("digits", f"{DATA}/shards", split="test", output_format="tar", shard_size=100)
         pattern = f"{DATA}/shards/shard-{{000000..{len(shards) - 1:06d}}}.tar"
@@ -111,9 +115,9 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
                                          "output_format": "tar", "shard_size": 128})
         tar_summary = run_process_job(tar_job, log=lambda *_: None)
         out_shards = [o for o in storage.list_objects(tar_job.output_uri) if o.key.endswith(".tar")]
-        print(f"    archives: {pattern} ({len(shards)} shards, images + .json labels) -> "
-              f"{tar_summary.counts['ok']} images in {len(out_shards)} output shards "
-              f"({tar_summary.images_per_s:.1f} images/s)")
+        logs.progress(f"    archives: {pattern} ({len(shards)} shards, images + .json labels) -> "
+                      f"{tar_summary.counts['ok']} images in {len(out_shards)} output shards "
+                      f"({tar_summary.images_per_s:.1f} images/s)")
         timings["bulk"] = time.perf_counter() - t
 
         t = _step(5, "Ray Serve: POST /denoise on 127.0.0.1")
@@ -126,8 +130,9 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         response.raise_for_status()
         served = decode_image(response.content, channels=1)
         bad = requests.post(url, data=b"not an image", timeout=60)
-        print(f"    POST {url} ({len(body)} bytes PNG) -> {response.status_code} {response.headers['content-type']} "
-              f"{served.shape[1]}x{served.shape[0]}; a non-image body -> {bad.status_code} {bad.json()['detail']!r}")
+        logs.progress(f"    POST {url} ({len(body)} bytes PNG) -> {response.status_code} "
+                      f"{response.headers['content-type']} {served.shape[1]}x{served.shape[0]}; "
+                      f"a non-image body -> {bad.status_code} {bad.json()['detail']!r}")
         timings["serve"] = time.perf_counter() - t
 
         # [6] Keep a local copy: the in-memory S3 server goes away with the demo.
@@ -156,6 +161,8 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         ("served.png", "the image Ray Serve returned over HTTP"),
     ]:
         print(f"    {path:<34} {what}")
+    if logs.verbosity() < logs.VERBOSE:
+        print(f"    {'Ray logs':<34} {logs.log_path()}")
     return {"seconds": total, "timings": timings, "metrics": result.metrics, "bulk_psnr": bulk_psnr,
             "counts": dict(summary.counts), "rerun_counts": dict(rerun.counts), "http_status": response.status_code,
             "bad_status": bad.status_code, "workdir": str(local)}

@@ -24,17 +24,28 @@ def prepare_local_env() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
-    """ray.init against `address` / RAY_ADDRESS if given, else a local instance; returns the context."""
+    """ray.init against `address` / RAY_ADDRESS if given, else a local instance; returns the context. Unless -v,
+    Ray's own output goes to genray's log file (genray/logs.py), whose path is printed here once."""
     import ray
+
+    from genray import logs
 
     if ray.is_initialized():
         return ray.get_runtime_context()
+    logs.quiet_ray_loggers()  # before ray.init: it logs (e.g. the auth token notice) while starting
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address, log_to_driver=True)
-    prepare_local_env()  # for the Ray processes started below (the driver may have imported ray already)
-    return ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                    logging_level="WARNING" if quiet else "INFO")
+        context = ray.init(address=address, log_to_driver=True)
+    else:
+        prepare_local_env()  # for the Ray processes started below (the driver may have imported ray already)
+        # INFO reaches the log file; on the terminal, -v shows what Ray showed before (WARNING and up).
+        verbose = logs.verbosity() >= logs.VERBOSE
+        context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                           logging_level="WARNING" if quiet and verbose else "INFO")
+    logs.relay_worker_logs()
+    logs.quiet_ray_data()
+    logs.announce()
+    return context
 
 
 def ray_error_line(err: BaseException, max_chars: int = 300) -> str:

@@ -66,6 +66,31 @@ def test_config_typo_is_one_clear_line():
     assert r.returncode == 2 and "denoise_ae" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_version_and_python_dash_m():
+    from genray import __version__
+
+    r = genray("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"genray {__version__}"
+    r = subprocess.run([sys.executable, "-m", "genray", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"genray {__version__}"
+    r = subprocess.run([sys.executable, "-m", "genray", "-q", "-v", "demo"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr  # -q and -v exclude each other
+
+
+def test_missing_data_uri_is_one_line_before_ray_starts(tmp_path):
+    missing = tmp_path / "no-such-digits"
+    r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", f"data.uri={missing}/", "--output",
+               str(tmp_path / "run"), drop=("RAY_ADDRESS",))
+    assert r.returncode == 2 and r.stderr == f"genray: error: data.uri {missing}/ does not exist\n"
+    assert r.stdout == ""  # no Ray started: it would have said where its logs go
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", f"data.uri={empty}", "--output",
+               str(tmp_path / "run"), drop=("RAY_ADDRESS",))
+    assert r.returncode == 2 and r.stderr.startswith("genray: error: data.uri: no images") and r.stdout == ""
+
+
 def test_missing_bucket_is_one_clear_line(s3_server, tmp_path):
     r = genray("data", "export", "digits", "--to", "s3://no-such-bucket-cli/x", "--split", "test")
     assert r.returncode == 2 and "Traceback" not in r.stderr

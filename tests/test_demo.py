@@ -17,10 +17,23 @@ pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subproc
 def test_demo_runs_the_whole_flow(tmp_path):
     # A clean environment: no S3 endpoint or Ray address from the test session leaks into the demo.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env["GENRAY_LOG_DIR"] = str(tmp_path / "logs")
     r = subprocess.run([GENRAY, "demo", "--epochs", "2", "--workdir", str(tmp_path / "demo")],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = r.stdout
+    # Quiet by default on a non-TTY (issue 18): genray's own lines, Ray's logs in a file named once, at the end.
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    assert not [line for line in lines if any(noise in line for noise in (
+        " INFO ", "(pid=", "pid=", "Reporting training result", "PlacementGroupCleaner", "Deprecat", "raylet"))], \
+        "\n".join(lines)
+    assert "[genray] epoch 1/2 " in out and "[genray] epoch 2/2 " in out and "eta " in out  # progress stays
+    ray_log = out.strip().splitlines()[-1].split()[-1]
+    assert ray_log.startswith(str(tmp_path / "logs"))
+    assert out.strip().splitlines()[-1].strip().startswith("Ray logs") and out.count(ray_log) == 2
+    logged = open(ray_log, encoding="utf-8").read()
+    assert "Reporting training result" in logged and "Execution plan of Dataset" in logged
     assert "local Ray, node IP 127.0.0.1" in out  # Ray's listeners stay on loopback
     assert "held-out PSNR" in out and "rerun of the same command: 24 skipped, 0 processed again" in out
     assert "-> 200 image/png 28x28" in out and "a non-image body -> 400" in out

@@ -12,6 +12,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.util.annotations import RayDeprecationWarning
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from genray import archives, storage
@@ -589,8 +591,11 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # Hand each batch to the least busy actor rather than to one on the node that holds the batch: the inputs
-    # are small next to the model's work, and locality piles a short job onto a single actor.
-    ctx.execution_options.actor_locality_enabled = False
+    # are small next to the model's work, and locality piles a short job onto a single actor. Ray 2.60 marks the
+    # option deprecated ("managed internally") but still obeys it, so it stays, without the notice.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ctx.execution_options.actor_locality_enabled = False
     resources = ray.cluster_resources()
     for name, per_actor in (("CPU", cpus), ("GPU", cfg.gpus_per_actor)):
         total = resources.get(name, 0.0)
@@ -632,11 +637,12 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
         num_cpus=cpus,
         # Ray hides GPUs from a worker that asked for none: without this, GPU nodes would run the model on CPU.
         num_gpus=cfg.gpus_per_actor or None,
-        # Ray Data restarts dead actors and retries their batches without limit, and that stays: AttemptTracker
-        # bounds what one input can cost (after max_attempts deaths it is an error row, not a retry). A count here
-        # would also be spent by a lost node: its actors' batches are retried at once, again and again, while the
-        # actors are rescheduled ("actor temporarily unavailable"), and the job failed (test_cluster_multinode).
-        max_task_retries=-1,
+        # Ray Data's default for an actor pool (max_restarts=-1, max_task_retries=-1: dead actors restarted, their
+        # batches retried without limit) stays: AttemptTracker bounds what one input can cost (after max_attempts
+        # deaths it is an error row, not a retry). A count here would also be spent by a lost node: its actors'
+        # batches are retried at once, again and again, while the actors are rescheduled ("actor temporarily
+        # unavailable"), and the job failed (test_cluster_multinode). Not passed explicitly: Ray 2.60 deprecates
+        # map_batches(**ray_remote_args).
         # Placement is Ray Data's default, SPREAD: the actors go to as many nodes as have room, so losing a node
         # loses fewer of them (the manifest's node_id column shows where each image ran).
     )

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from genray.config import TrainConfig, TrainParams
+from genray.logs import EpochLines
 from genray.models import get_spec
 from genray.models.data import fixed_batch, prepare_items
 from genray.models.layers import unwrap
@@ -197,6 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = tracking.EpochTracker(cfg) if rank == 0 else None  # TensorBoard / MLflow, beside metrics.jsonl
 
     # [3] Epochs.
+    lines = EpochLines(cfg.train.epochs, start_epoch)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         for m in state.modules.values():
             m.train()
@@ -239,11 +241,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         # Metrics every epoch; a checkpoint every `checkpoint_every` epochs and at the end.
         with_checkpoint = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
-        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint, tracker)
+        report(cfg, spec, state, metrics, history, fixed, epoch, rank, with_checkpoint, lines, tracker)
 
 
 def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, rank: int, with_checkpoint: bool,
-           tracker: tracking.EpochTracker | None = None) -> None:
+           lines: EpochLines, tracker: tracking.EpochTracker | None = None) -> None:
     """Rank 0 writes outputs (and a checkpoint); every rank calls ray.train.report (it is a barrier)."""
     if rank != 0:
         ray.train.report(metrics)
@@ -257,8 +259,8 @@ def report(cfg: TrainConfig, spec, state, metrics, history, fixed, epoch: int, r
     if tracker is not None:
         tracker.log_epoch(epoch, metrics, grid)
     losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k)
-    print(f"[genray] epoch {epoch}/{cfg.train.epochs} {losses} {metrics['images_per_s']:.0f} img/s "
-          f"({metrics['epoch_seconds']:.1f}s){' checkpoint' if with_checkpoint else ''}", flush=True)
+    print(lines.line(epoch, f"{losses} {metrics['images_per_s']:.0f} img/s ({metrics['epoch_seconds']:.1f}s)"
+                            f"{' checkpoint' if with_checkpoint else ''}"), flush=True)
     if not with_checkpoint:
         ray.train.report(metrics)
         return

@@ -16,7 +16,7 @@ from genray.config import TrainConfig
 from genray.models import get_spec
 from genray.runtime import ray_error_line
 from genray.training import outputs, tracking
-from genray.datasets import TrainingDataError, read_images
+from genray.datasets import TrainingDataError, list_units, read_images
 from genray.training.data import build_dataset, fixed_rows
 from genray.training.loop import CHECKPOINT_FILE, FIXED_ROWS_KEY, train_loop_per_worker
 
@@ -41,6 +41,22 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
         placement_strategy=cfg.scaling.placement_strategy,
     )
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The mistakes a user can fix, found before Ray starts: an output bucket that is missing or unreadable, a
+    data.uri that does not exist or holds no images. Raises TrainingError with one line."""
+    try:
+        storage.list_objects(storage.join_uri(cfg.output_uri, "checkpoints"))
+    except storage.StorageError as err:
+        raise TrainingError(f"output {err}") from None
+    local = cfg.data.uri.removeprefix("file://")
+    if not storage.is_s3(cfg.data.uri) and "{" not in local and not os.path.exists(local):
+        raise TrainingError(f"data.uri {cfg.data.uri} does not exist")
+    try:
+        list_units(cfg.data.uri, cfg.data, cfg.data.limit)
+    except (TrainingDataError, storage.StorageError) as err:
+        raise TrainingError(f"data.uri: {err}") from None
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:

@@ -1,0 +1,149 @@
+"""What the terminal shows: genray's own lines; Ray's and Ray Data's logs go to a file whose path is printed once.
+
+Three levels, chosen by the global flags of `genray` (cli.main):
+  quiet   (-q)  errors and the summary only;
+  normal        + genray's progress lines (per-epoch training line, bulk progress line, demo steps);
+  verbose (-v)  + everything Ray prints, as Ray prints it (nothing is redirected).
+
+Ray reaches the terminal by three roads, each handled here before ray.init:
+  1. Python loggers of the driver ('ray', 'ray.data', 'ray.serve'; 'ray.train' propagates to 'ray'): their
+     console handlers keep only errors and a file handler gets everything;
+  2. workers' stdout/stderr forwarded to the driver (log_to_driver): Ray's dispatcher handler is swapped for one
+     that writes every line to the file and passes on only genray's own `[genray] ...` lines;
+  3. Ray Data's progress bars: switched off (its logs, including the execution plans, stay in the file).
+Python warnings (Ray's deprecation notices) go to the file as well.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_level = NORMAL
+_log_path: Path | None = None
+_RAY_LOGGERS = ("ray", "ray.data", "ray.serve", "py.warnings")
+OWN_PREFIX = "[genray]"
+DETAIL_PREFIX = "[genray.detail]"  # genray lines for the log file only (e.g. most epochs of a long run)
+
+
+def set_verbosity(level: int) -> None:
+    global _level
+    _level = level
+
+
+def verbosity() -> int:
+    return _level
+
+
+def progress(line: str) -> None:
+    """genray's progress lines (not errors, not the summary): shown unless -q."""
+    if _level >= NORMAL:
+        print(line, flush=True)
+
+
+def log_path() -> Path:
+    """This run's log file ($GENRAY_LOG_DIR, else <tmp>/genray/logs/), named by time and pid; made on first use."""
+    global _log_path
+    if _log_path is None:
+        folder = Path(os.environ.get("GENRAY_LOG_DIR") or Path(tempfile.gettempdir()) / "genray" / "logs")
+        folder.mkdir(parents=True, exist_ok=True)
+        _log_path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    return _log_path
+
+
+def _file_handler() -> logging.Handler:
+    handler = logging.FileHandler(log_path(), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def quiet_ray_loggers() -> None:
+    """Road 1 (and warnings): the driver's Ray loggers to the file, errors still on the console. Idempotent;
+    call after importing the Ray libraries in use (each adds its console handler when first imported)."""
+    if _level >= VERBOSE:
+        return
+    logging.captureWarnings(True)
+    for name in _RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        if not any(getattr(h, "_genray", False) for h in logger.handlers):
+            handler = _file_handler()
+            handler._genray = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        for handler in logger.handlers:
+            if not getattr(handler, "_genray", False) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)  # a console handler
+        if name == "py.warnings":
+            logger.setLevel(logging.WARNING)
+
+
+def relay_worker_logs() -> None:
+    """Road 2: after ray.init(log_to_driver=True), replace Ray's printer of worker output by ours. Uses Ray's
+    stdstream dispatcher (not a public API): without it, worker output is not shown at all rather than all."""
+    if _level >= VERBOSE:
+        return
+    try:
+        import ray._private.worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+    except (ImportError, AttributeError, KeyError):
+        return
+    dispatcher.add_handler("ray_print_logs", _relay)
+    # The errors the cluster pushes to drivers (e.g. "Task ServeController.graceful_shutdown failed ... will be
+    # retried" at every Serve shutdown) are printed through this function by Ray's error listener thread.
+    ray_worker.print_to_stdstream = _relay
+
+
+def _relay(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+    who = data.get("actor_name") or data.get("task_name") or ""
+    prefix = f"({who} pid={data.get('pid')}, ip={data.get('ip')})"
+    with open(log_path(), "a", encoding="utf-8") as f:
+        f.writelines(f"{prefix} {line}\n" for line in data.get("lines", []))
+    for line in data.get("lines", []):
+        if _level >= NORMAL and line.startswith(OWN_PREFIX):
+            print(line, file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)
+        elif data.get("pid") == "raylet" and "memory" in line.lower():  # a warning that matters: OOM kills
+            print(f"[genray] warning from Ray: {line.strip()}", file=sys.stderr, flush=True)
+
+
+def quiet_ray_data() -> None:
+    """Road 3: Ray Data's progress bars off in this driver (the executions are still logged to the file)."""
+    if _level >= VERBOSE:
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    quiet_ray_loggers()  # importing ray.data added its console handler
+
+
+def announce() -> None:
+    """The one line that says where Ray's output went (not under -v, where it is on the terminal)."""
+    if _level == NORMAL:
+        print(f"{OWN_PREFIX} Ray's logs: {log_path()} (-v shows them here)", flush=True)
+
+
+class EpochLines:
+    """Training's per-epoch line (printed by rank 0, relayed by the driver): every epoch's line reaches the log file,
+    the terminal only the first and last of the run and one at most every `seconds`, each with an ETA, so a
+    20-epoch demo and a 1000-epoch run both stay readable."""
+
+    def __init__(self, epochs: int, start_epoch: int, seconds: float = 10.0):
+        self.epochs, self.start_epoch, self.seconds = epochs, start_epoch, seconds
+        self.started = self.last_shown = time.monotonic()
+
+    def line(self, epoch: int, text: str) -> str:
+        now = time.monotonic()
+        eta = (now - self.started) / (epoch - self.start_epoch) * (self.epochs - epoch)
+        shown = epoch in (self.start_epoch + 1, self.epochs) or now - self.last_shown >= self.seconds
+        if shown:
+            self.last_shown = now
+        # Only lines starting with OWN_PREFIX reach the terminal (_relay); the others go to the log file alone.
+        return f"{OWN_PREFIX if shown else DETAIL_PREFIX} epoch {epoch}/{self.epochs} {text}, eta {eta:.0f}s"
