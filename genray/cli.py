@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -44,9 +46,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, train_overrides(args))
     check_inputs(cfg)  # a wrong data.uri or output bucket: one line, before Ray starts
-    init_ray(args.address)
-    started = time.perf_counter()
-    result = run_training(cfg)
+    with json_summary(args) as summary:
+        init_ray(args.address)
+        started = time.perf_counter()
+        result = run_training(cfg)
+        summary.update(name=cfg.name, family=cfg.model.family, output_uri=cfg.output_uri, model_uri=result.model_uri,
+                       checkpoint_uri=result.checkpoint_uri, seconds=round(time.perf_counter() - started, 3),
+                       num_workers=cfg.scaling.num_workers, metrics=result.metrics,
+                       tensorboard_uri=(f"{cfg.output_uri.rstrip('/')}/tensorboard" if cfg.tracking.tensorboard
+                                        else None))
+    if args.json:
+        return 0
     print(f"[genray] trained {cfg.model.family} '{cfg.name}' in {time.perf_counter() - started:.1f}s "
           f"on {cfg.scaling.num_workers} workers")
     print(f"  model artefact: {result.model_uri}")
@@ -60,6 +70,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(f"  final metrics:  {shown}")
     return 0
+
+
+@contextlib.contextmanager
+def json_summary(args: argparse.Namespace):
+    """With --json: everything the verb prints on the way goes to stderr, and stdout gets exactly one JSON object
+    (the dict the block fills), so scripts need not scrape text. Without --json: nothing changes."""
+    record: dict[str, Any] = {}
+    if not getattr(args, "json", False):
+        yield record
+        return
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield record
+    print(json.dumps(record, default=str), file=stdout, flush=True)
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
@@ -94,12 +118,18 @@ def cmd_process(args: argparse.Namespace) -> int:
     from genray.runtime import init_ray
 
     cfg = process_config_from_args(args)
-    if not cfg.dry_run:
-        init_ray(args.address)
-    summary = run_process_job(cfg, log=logs.progress)
-    print(summary.table())
-    if summary.manifest_uri:
-        print(f"[genray] manifest: {summary.manifest_uri}")
+    with json_summary(args) as record:
+        if not cfg.dry_run:
+            init_ray(args.address)
+        summary = run_process_job(cfg, log=logs.progress)
+        record.update(task=cfg.task, input_uri=cfg.input_uri, output_uri=cfg.output_uri, run_id=summary.run_id,
+                      dry_run=cfg.dry_run, counts=dict(summary.counts), seconds=round(summary.seconds, 3),
+                      images_per_s=round(summary.images_per_s, 3), manifest_uri=summary.manifest_uri or None,
+                      errors=[{"input_key": key, "error": why} for key, why in summary.errors])
+    if not args.json:
+        print(summary.table())
+        if summary.manifest_uri:
+            print(f"[genray] manifest: {summary.manifest_uri}")
     # Non-zero only when there was work and none of it succeeded (bad inputs alone are manifest rows).
     return 1 if summary.counts["error"] and not (summary.counts["ok"] or summary.counts["skipped"]) else 0
 
@@ -237,17 +267,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from genray import submit
 
     if args.jobs_verb == "list":
-        return submit.list_jobs(args.address)
+        return submit.list_jobs(args.address, as_json=args.json)
     if args.jobs_verb == "status":
-        return submit.job_status(args.job_id, args.address)
+        return submit.job_status(args.job_id, args.address, as_json=args.json)
     if args.jobs_verb == "logs":
         return submit.job_logs(args.job_id, args.address, follow=args.follow)
     return submit.stop_job(args.job_id, args.address)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     from genray import storage
     from genray.evaluation import evaluate_model, write_evaluation
 
@@ -320,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4 (repeatable)")
     tr.add_argument("--output", help="output URI (overrides output_uri)")
     tr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    tr.add_argument("--json", action="store_true",
+                    help="print the result (artefact URI, metrics, ...) as one JSON object on stdout; the rest to stderr")
     tr.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("process", help="run a bulk job over an image prefix on Ray Data")
@@ -367,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--vgg-weights", help="Gatys: local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth")
     pr.add_argument("--dry-run", action="store_true", help="list what would be processed")
     pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pr.add_argument("--json", action="store_true",
+                    help="print the summary as one JSON object on stdout (progress goes to stderr)")
     pr.set_defaults(func=cmd_process)
 
     ev = sub.add_parser("eval", help="measure a model artefact on held-out images next to classical baselines",
@@ -450,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
             jp.add_argument("job_id")
         if name == "logs":
             jp.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        if name in ("list", "status"):
+            jp.add_argument("--json", action="store_true", help="print one JSON value instead of the table")
         jp.add_argument("--address", help="the head's dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
         jp.set_defaults(func=cmd_jobs)
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import json
 import sys
 import time
 from pathlib import Path
@@ -251,10 +252,21 @@ def report_final(info, job_id: str, out=None) -> int:
 
 # -- genray jobs ---------------------------------------------------------------------------------------------------
 
-def list_jobs(address: str | None = None, out=None) -> int:
+def job_record(job) -> dict:
+    """A job as plain JSON-able values (`genray jobs list|status --json`); times in seconds since the epoch."""
+    return {"submission_id": job.submission_id or job.job_id, "status": status_name(job),
+            "message": headline(job.message), "entrypoint": job.entrypoint,
+            "start_time": job.start_time / 1000 if job.start_time else None,
+            "end_time": job.end_time / 1000 if job.end_time else None}
+
+
+def list_jobs(address: str | None = None, out=None, as_json: bool = False) -> int:
     out = out or sys.stdout
     client = connect(address)
     jobs = sorted(_call("listing jobs", client.list_jobs), key=lambda j: j.start_time or 0)
+    if as_json:
+        print(json.dumps([job_record(job) for job in jobs]), file=out)
+        return 0
     print(f"{'submission_id':<30} {'status':<10} {'started':<19} {'seconds':>8}  entrypoint", file=out)
     for job in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
@@ -265,9 +277,12 @@ def list_jobs(address: str | None = None, out=None) -> int:
     return 0
 
 
-def job_status(job_id: str, address: str | None = None, out=None) -> int:
+def job_status(job_id: str, address: str | None = None, out=None, as_json: bool = False) -> int:
     out = out or sys.stdout
     info = _call(f"job {job_id}", connect(address).get_job_info, job_id)
+    if as_json:
+        print(json.dumps(job_record(info)), file=out)
+        return 0
     print(f"{job_id}: {status_name(info)}" + (f" ({headline(info.message)})" if info.message else ""), file=out)
     return 0
 

@@ -1,6 +1,7 @@
 """The real `genray` command, run as a subprocess, end to end on tiny configs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -103,10 +104,13 @@ def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket, tm
     out = f"{s3_bucket}/run"
     r = genray("train", "configs/tiny/denoise_ae.yaml", "--set", f"data.uri={digits_uri}/train/",
                "--set", f"data.held_out_uri={digits_uri}/test/", "--set", "train.epochs=1",
-               "--set", f"tracking.mlflow_uri=file:{tmp_path}/mlruns", "--output", out, "--address", address)
+               "--set", f"tracking.mlflow_uri=file:{tmp_path}/mlruns", "--output", out, "--address", address, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"model artefact: {out}/model" in r.stdout
-    assert f"tensorboard --logdir {out}/tensorboard" in r.stdout and "experiment 'genray'" in r.stdout
+    # --json: stdout is one JSON object; what the verb prints on the way (epoch lines, paths) goes to stderr.
+    result = json.loads(r.stdout)
+    assert result["model_uri"] == f"{out}/model" and result["tensorboard_uri"] == f"{out}/tensorboard"
+    assert result["family"] == "denoise_ae" and result["metrics"]["epoch"] == 1 and result["seconds"] > 0
+    assert "[genray] epoch 1/1" in r.stderr
     assert read_meta(f"{out}/model")["metrics"]["epoch"] == 1
     assert storage.list_objects(f"{out}/tensorboard")
     assert any(tmp_path.glob("mlruns/*/*/artifacts/model/weights.pt"))  # the MLflow run's model artefact
@@ -122,8 +126,11 @@ def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket, tm
     assert "ok             3" in r.stdout and "error          1" in r.stdout
     assert {o.key for o in storage.list_objects(f"{s3_bucket}/out") if not o.key.startswith("_")} == \
         {"0.png", "1.png", "2.png"}
-    r = genray(*args)
-    assert r.returncode == 0 and "skipped        3" in r.stdout
+    r = genray(*args, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rerun = json.loads(r.stdout)
+    assert rerun["counts"]["skipped"] == 3 and rerun["counts"]["ok"] == 0, rerun
+    assert rerun["manifest_uri"] == f"{s3_bucket}/out/_manifest/" and rerun["task"] == "denoise"
 
     r = genray("process", "denoise", "-i", inputs, "-o", f"{s3_bucket}/o2", "--model",  # -i/-o: Real-ESRGAN's
                f"{s3_bucket}/not-a-model", "--address", address)

@@ -133,6 +133,12 @@ def test_submit_train_to_a_multinode_cluster(ray_cluster, digits_uri, s3_bucket,
     assert main(["jobs", "list"]) == 0
     assert re.search(rf"^{job_id} +SUCCEEDED ", capsys.readouterr().out, re.MULTILINE)
     assert main(["jobs", "status", job_id]) == 0 and capsys.readouterr().out.startswith(f"{job_id}: SUCCEEDED")
+    assert main(["jobs", "status", job_id, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["submission_id"] == job_id and status["status"] == "SUCCEEDED"
+    assert status["end_time"] >= status["start_time"] > 0
+    assert main(["jobs", "list", "--json"]) == 0
+    assert job_id in {job["submission_id"] for job in json.loads(capsys.readouterr().out)}
     assert main(["jobs", "logs", job_id]) == 0 and "[genray] epoch 2/2" in capsys.readouterr().out
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
     assert main(["jobs", "list"]) == 2
