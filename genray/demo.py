@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from genray import logs, storage
-from genray.images import decode_image, encode_png
+from genray.images import decode_image, encode_png, make_grid
 from genray.runtime import free_port
 
 DATA = "s3://genray-data"
@@ -40,6 +40,13 @@ def make_noisy_inputs(clean_uri: str, noisy_uri: str, count: int, seed: int = 0)
         pairs.append((key, image))
     storage.write_bytes(storage.join_uri(noisy_uri, "corrupt.png"), b"\x89PNG\r\n\x1a\n this file is broken")
     return pairs
+
+
+def before_after(noisy: list[np.ndarray], denoised: list[np.ndarray], clean: list[np.ndarray], n: int = 12,
+                 zoom: int = 4) -> bytes:
+    """Rows noisy / denoised / clean of the first n digits, enlarged (nearest) so 28-px digits can be seen."""
+    tiles = [np.kron(image, np.ones((zoom, zoom, 1), np.uint8)) for row in (noisy, denoised, clean) for image in row[:n]]
+    return encode_png(make_grid(tiles, nrow=min(n, len(noisy)), padding=4))
 
 
 def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
@@ -105,6 +112,7 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         noisy = [decode_image(storage.read_bytes(f"{DATA}/noisy/{key}"), channels=1) for key, _ in pairs]
         bulk_psnr = (mean_psnr(np.stack(clean), np.stack(noisy), 255), mean_psnr(np.stack(clean), np.stack(denoised), 255))
         logs.progress(f"    bulk outputs PSNR: noisy {bulk_psnr[0]:.2f} dB -> denoised {bulk_psnr[1]:.2f} dB")
+        (local / "before_after.png").write_bytes(before_after(noisy, denoised, clean))
         rerun = run_process_job(job, log=lambda *_: None)
         logs.progress(f"    rerun of the same command: {rerun.counts['skipped']} skipped, "
                       f"{rerun.counts['ok']} processed again")
@@ -159,6 +167,7 @@ def run_demo(workdir: str = "genray-demo-output", epochs: int = 20) -> dict:
         ("denoised/_manifest/", "bulk job manifest (parquet, one row per input)"),
         ("denoised-shards/", "the same job over WebDataset shards: output shards and manifest"),
         ("served.png", "the image Ray Serve returned over HTTP"),
+        ("before_after.png", "rows: noisy input, bulk job output, clean digit"),
     ]:
         print(f"    {path:<34} {what}")
     if logs.verbosity() < logs.VERBOSE:

@@ -8,10 +8,10 @@ import subprocess
 import pyarrow.dataset as pds
 import pytest
 
+from genray.images import decode_image
 from helpers import GENRAY
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
-
 
 
 def test_demo_runs_the_whole_flow(tmp_path):
@@ -42,6 +42,8 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert meta["family"] == "denoise_ae" and meta["metrics"]["epoch"] == 2
     assert (demo / "run/samples/progress.gif").stat().st_size > 0 and (demo / "run/loss.png").exists()
     assert (demo / "served.png").read_bytes().startswith(b"\x89PNG")
+    strip = decode_image((demo / "before_after.png").read_bytes())  # noisy / denoised / clean, 12 digits each
+    assert strip.shape[0] > 3 * 28 * 4 and strip.shape[1] > 12 * 28 * 4
     rows = pds.dataset(str(demo / "denoised/_manifest"), format="parquet").to_table().to_pylist()
     assert len(rows) == 25 and sum(r["status"] == "error" for r in rows) == 1  # the corrupt file
     assert len(list((demo / "denoised").rglob("*.png"))) == 24
