@@ -47,10 +47,12 @@ def progress(line: str) -> None:
 
 
 def log_path() -> Path:
-    """This run's log file ($GENRAY_LOG_DIR, else <tmp>/genray/logs/), named by time and pid; made on first use."""
+    """This run's log file ($GENRAY_LOG_DIR, else <tmp>/genray-logs/), named by time and pid; made on first use.
+    Not <tmp>/genray/: a folder named `genray` in the working directory shadows the package (as a namespace
+    package) for every Ray worker started from there, e.g. `cd /tmp && genray demo`."""
     global _log_path
     if _log_path is None:
-        folder = Path(os.environ.get("GENRAY_LOG_DIR") or Path(tempfile.gettempdir()) / "genray" / "logs")
+        folder = Path(os.environ.get("GENRAY_LOG_DIR") or Path(tempfile.gettempdir()) / "genray-logs")
         folder.mkdir(parents=True, exist_ok=True)
         _log_path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     return _log_path
