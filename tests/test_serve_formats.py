@@ -83,6 +83,19 @@ def test_provenance_header_names():
         "X-Genray-Model": "x4", "X-Genray-Model-Digest": "sha256:1", "X-Genray-Version": "1"}
 
 
+def test_openapi_documents_form_uploads_and_output_formats():
+    from genray.serving.gateway import api
+
+    paths = api.openapi()["paths"]
+    for path in ("/{name}", "/style/{style}", "/vae/{model}/reconstruct", "/classify/{model}"):
+        body = paths[path]["post"]["requestBody"]["content"]
+        assert body["multipart/form-data"]["schema"]["required"] == ["image"] and "image/*" in body
+    for path, method in (("/{name}", "post"), ("/generate/{model}", "get"), ("/vae/{model}/interpolate", "get")):
+        operation = paths[path][method]
+        assert set(operation["responses"]["200"]["content"]) == {"image/png", "image/jpeg", "image/webp"}
+        assert {"format", "quality"} <= {p["name"] for p in operation["parameters"]}
+
+
 def feed(content_type: str, body: bytes, step: int) -> bytes:
     reader = body_reader(content_type)
     for i in range(0, len(body), step):

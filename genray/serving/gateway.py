@@ -180,7 +180,7 @@ class Gateway:
         styles = await self._answer(self.styles.info.remote()) if self.styles else None
         return JSONResponse({"models": models, "styles": styles})
 
-    @api.post("/style/{style}", responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
+    @api.post("/style/{style}", response_class=Response, responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
     async def stylize(self, style: str, request: Request, query: OutputQuery = Depends()) -> Response:
         """A fast style network, picked by name from the multiplexed style pool."""
         self._authorize(request)
@@ -194,7 +194,7 @@ class Gateway:
         return _image(await self._answer(self.styles.options(multiplexed_model_id=style).remote(image, output)),
                       output)
 
-    @api.get("/generate/{model}", responses=IMAGE_RESPONSES)
+    @api.get("/generate/{model}", response_class=Response, responses=IMAGE_RESPONSES)
     async def generate(self, model: str, request: Request, n: int = 16,
                        seed: int | None = Query(None, ge=0, lt=SEED_LIMIT), query: OutputQuery = Depends()) -> Response:
         """n samples of a DCGAN or VAE as a grid; the same seed gives the same image (X-Seed says which)."""
@@ -205,7 +205,7 @@ class Gateway:
         grid = await self._answer(handle.generate.remote(n, seed, output))
         return _image(grid, output, **{"X-Seed": str(seed)})
 
-    @api.post("/vae/{model}/reconstruct", responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
+    @api.post("/vae/{model}/reconstruct", response_class=Response, responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
     async def vae_reconstruct(self, model: str, request: Request, query: OutputQuery = Depends()) -> Response:
         """The VAE's reconstruction decode(mu) of the upload, resized to the VAE's image size and channels."""
         self._authorize(request)
@@ -214,7 +214,7 @@ class Gateway:
         image = await self._read_image(request)
         return _image(await self._answer(handle.reconstruct.remote(image, output)), output)
 
-    @api.get("/vae/{model}/interpolate", responses=IMAGE_RESPONSES)
+    @api.get("/vae/{model}/interpolate", response_class=Response, responses=IMAGE_RESPONSES)
     async def vae_interpolate(self, model: str, request: Request, steps: int = 8,
                               seed: int | None = Query(None, ge=0, lt=SEED_LIMIT),
                               query: OutputQuery = Depends()) -> Response:
@@ -236,7 +236,7 @@ class Gateway:
         return JSONResponse(probabilities, headers=provenance_headers(provenance))
 
     # Declared last: a single path segment that none of the routes above claimed names an image model.
-    @api.post("/{name}", responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
+    @api.post("/{name}", response_class=Response, responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
     async def process(self, name: str, request: Request, query: OutputQuery = Depends()) -> Response:
         """Image models (denoise, superres, ...): an image in (raw body or multipart `image` field), the model's
         output back as PNG, JPEG or WebP; large images are tiled."""
