@@ -31,6 +31,14 @@ def compute_digest(weights: bytes, family: str, model_config: dict[str, Any]) ->
     return "sha256:" + h.hexdigest()
 
 
+def provenance(name: str, meta: dict[str, Any]) -> dict[str, str]:
+    """What an output of this artefact carries so it can be traced to the model that made it: its name (the Serve
+    endpoint, style or model URI), family and digest, and the genray version that ran it. Written into images by
+    genray.images.encode_image (PNG text chunks / XMP) and sent by Serve as X-Genray-* headers."""
+    return {"genray:model": name, "genray:model-family": meta["family"], "genray:model-digest": meta["digest"],
+            "genray:version": __version__}
+
+
 def save_artifact(
     uri: str, spec: ModelSpec, cfg: Any, model: nn.Module, metrics: dict[str, float], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:

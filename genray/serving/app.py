@@ -57,7 +57,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         routes[name] = {"kind": kind, "family": spec.name, "task": spec.task, "scale": spec.scale,
                         "reconstructs": spec.reconstruct is not None}
         models[name] = DEPLOYMENTS[kind].options(**deployment_options(m, f"model-{name}", **overload)).bind(
-            m.model_dump(mode="json"))
+            m.model_dump(mode="json"), name)
     styles = None
     if cfg.styles is not None:
         styles = StylePoolDeployment.options(**deployment_options(cfg.styles, "styles", **overload)).bind(

@@ -4,7 +4,8 @@ ImageDeployment: image -> image through the shared Predictor (denoise, superres,
 StylePoolDeployment: many fast style networks multiplexed over one pool of replicas (@serve.multiplexed).
 GeneratorDeployment: DCGAN / VAE samples, and reconstruct / interpolate for families that have them (the VAE).
 ClassifierDeployment: class probabilities of the stacked-autoencoder classifier.
-Replicas answer with PNG bytes: encoding runs beside the forward pass, off the gateway's event loop.
+Replicas answer with (encoded image, provenance): encoding runs beside the forward pass, off the gateway's event
+loop, in the format the gateway negotiated (ImageOutput), with the model's provenance in the image's metadata.
 """
 
 import asyncio
@@ -16,7 +17,9 @@ import numpy as np
 from ray import serve
 
 from genray.config import DeploymentOptions, ModelServeConfig, StylePoolConfig
-from genray.images import encode_png, make_grid, resize
+from genray.images import encode_image, make_grid, resize
+from genray.model_artifact import provenance
+from genray.serving.outputs import ImageOutput
 
 RECENT = 100  # batch sizes kept per replica, for GET /models and the batching test
 
@@ -39,7 +42,7 @@ class _Replica:
         side = self.spec.image_size(self.model_cfg)
         return resize(image, side, side, channels=self.spec.in_channels(self.model_cfg))
 
-    def _load_artifact(self, cfg: dict[str, Any], *batched_methods) -> None:
+    def _load_artifact(self, cfg: dict[str, Any], name: str, *batched_methods) -> None:
         """For the families the Predictor does not cover: config, threads and batching, then the artefact."""
         from genray.model_artifact import load_artifact
         from genray.inference import default_device
@@ -48,6 +51,7 @@ class _Replica:
         self._setup(self.cfg, *batched_methods)
         self.device = default_device()
         self.spec, self.model_cfg, self.model, self.meta = load_artifact(self.cfg.uri, self.device)
+        self.provenance = provenance(name, self.meta)
 
     def _record_batch(self, size: int) -> None:
         self.batch_sizes = (self.batch_sizes + [size])[-RECENT:]
@@ -68,16 +72,21 @@ def _artifact_info(uri: str, meta: dict[str, Any]) -> dict[str, Any]:
             "metrics": meta.get("metrics", {})}
 
 
-def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
-    """(N, H, W, C) uint8 -> one PNG grid, about square unless nrow is given."""
-    return encode_png(make_grid(list(images), nrow=nrow or math.ceil(math.sqrt(len(images)))))
+def encode(image: np.ndarray, output: ImageOutput, metadata: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """One output image, encoded as the request asked with `metadata` inside: what a replica answers."""
+    return encode_image(image, output.format, output.quality, metadata), metadata
+
+
+def grid(images: np.ndarray, nrow: int | None = None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one grid image, about square unless nrow is given."""
+    return make_grid(list(images), nrow=nrow or math.ceil(math.sqrt(len(images))))
 
 
 @serve.deployment(max_constructor_retry_count=3)
 class ImageDeployment(_Replica):
     """A model artefact as a batched image -> image function (the Predictor tiles large images)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], name: str):
         from genray.inference import Predictor
 
         self.cfg = ModelServeConfig.model_validate(cfg)
@@ -85,6 +94,7 @@ class ImageDeployment(_Replica):
         self.predictor = Predictor.from_uri(self.cfg.uri, tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
                                             batch_size=self.cfg.max_batch_size)
         self.meta = self.predictor.meta
+        self.provenance = provenance(name, self.meta)
         self.num_abandoned = 0  # forwards stopped part-way because every request in them was cancelled
         # A large image is many tile batches; the check between them lets a forward whose requests all timed out
         # (the gateway's 504 cancels them) stop instead of running to the end in its thread.
@@ -98,22 +108,23 @@ class ImageDeployment(_Replica):
 
         self.predictor._forward = checked_forward
 
-    async def __call__(self, image: np.ndarray) -> bytes:
+    async def __call__(self, image: np.ndarray, output: ImageOutput) -> tuple[bytes, dict[str, str]]:
         request = _Request()
         try:
-            return await self._batched(image, request)
+            return await self._batched(image, request, output)
         except asyncio.CancelledError:
             request.cancelled = True  # read by the forward thread between tile batches
             raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list[np.ndarray], requests: list["_Request"]) -> list[bytes]:
+    async def _batched(self, images: list[np.ndarray], requests: list["_Request"],
+                       outputs: list[ImageOutput]) -> list[tuple[bytes, dict[str, str]]]:
         self._record_batch(len(images))
         self._batch_requests = requests  # one batch at a time per replica (@serve.batch's default)
 
-        def run() -> list[bytes]:
+        def run() -> list[tuple[bytes, dict[str, str]]]:
             try:
-                return [encode_png(y) for y in self.predictor(images)]
+                return [encode(y, o, self.provenance) for y, o in zip(self.predictor(images), outputs)]
             except _Abandoned:
                 self.num_abandoned += 1
                 raise RuntimeError("abandoned: every request in this batch was cancelled") from None
@@ -181,11 +192,15 @@ class StylePoolDeployment(_Replica):
         return _LoadedStyle(style, predictor, self.loaded)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[np.ndarray]) -> list[bytes]:
+    async def __call__(self, images: list[np.ndarray],
+                       outputs: list[ImageOutput]) -> list[tuple[bytes, dict[str, str]]]:
         # Serve splits batches by multiplexed model id, so one batch is one style.
-        style = await self.get_style(serve.get_multiplexed_model_id())
+        name = serve.get_multiplexed_model_id()
+        style = await self.get_style(name)
         self._record_batch(len(images))
-        return await asyncio.to_thread(lambda: [encode_png(y) for y in style.predictor(images)])
+        metadata = provenance(name, self.metas[name])
+        return await asyncio.to_thread(
+            lambda: [encode(y, o, metadata) for y, o in zip(style.predictor(images), outputs)])
 
     def info(self) -> dict[str, Any]:
         return {"styles": {name: _artifact_info(self.cfg.uris[name], meta) for name, meta in self.metas.items()},
@@ -197,31 +212,39 @@ class StylePoolDeployment(_Replica):
 class GeneratorDeployment(_Replica):
     """DCGAN or VAE: seeded samples as a PNG grid; a VAE also reconstructs uploads (batched) and interpolates."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self._load_artifact(cfg, self.reconstruct)
+    def __init__(self, cfg: dict[str, Any], name: str):
+        self._load_artifact(cfg, name, self.reconstruct)
         if self.spec.generate is None:
             raise ValueError(f"{self.cfg.uri}: family {self.spec.name} does not generate images")
 
-    async def generate(self, n: int, seed: int) -> bytes:
+    async def generate(self, n: int, seed: int, output: ImageOutput) -> tuple[bytes, dict[str, str]]:
         # Not batched across requests: each request's noise comes from its own seeded generator, which is what
         # makes "same seed, same image" hold; n images already share one forward pass.
-        return await asyncio.to_thread(lambda: grid_png(self.spec.generate(self.model, n, seed, self.model_cfg)))
+        return await asyncio.to_thread(lambda: self._seeded(
+            grid(self.spec.generate(self.model, n, seed, self.model_cfg)), output, seed))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def reconstruct(self, images: list[np.ndarray]) -> list[bytes]:
+    async def reconstruct(self, images: list[np.ndarray],
+                          outputs: list[ImageOutput]) -> list[tuple[bytes, dict[str, str]]]:
         self._require(self.spec.reconstruct, "reconstruct")
         self._record_batch(len(images))
 
-        def run() -> list[bytes]:
+        def run() -> list[tuple[bytes, dict[str, str]]]:
             fitted = [self._fit(im) for im in images]
-            return [encode_png(y) for y in self.spec.reconstruct(self.model, fitted, self.model_cfg)]
+            return [encode(y, o, self.provenance)
+                    for y, o in zip(self.spec.reconstruct(self.model, fitted, self.model_cfg), outputs)]
 
         return await asyncio.to_thread(run)
 
-    async def interpolate(self, steps: int, seed: int) -> bytes:
+    async def interpolate(self, steps: int, seed: int, output: ImageOutput) -> tuple[bytes, dict[str, str]]:
         self._require(self.spec.interpolate, "interpolate")
-        return await asyncio.to_thread(
-            lambda: grid_png(self.spec.interpolate(self.model, steps, seed, self.model_cfg), nrow=steps))
+        return await asyncio.to_thread(lambda: self._seeded(
+            grid(self.spec.interpolate(self.model, steps, seed, self.model_cfg), nrow=steps), output, seed))
+
+    def _seeded(self, image: np.ndarray, output: ImageOutput, seed: int) -> tuple[bytes, dict[str, str]]:
+        """A sampled image, its seed written beside the provenance: the file alone is enough to draw it again."""
+        data, _ = encode(image, output, {**self.provenance, "genray:seed": str(seed)})
+        return data, self.provenance  # the gateway sends the seed as X-Seed already
 
     def _require(self, hook, what: str) -> None:
         if hook is None:  # the gateway routes here only models that can; this guards direct handle calls
@@ -232,13 +255,13 @@ class GeneratorDeployment(_Replica):
 class ClassifierDeployment(_Replica):
     """The stacked-autoencoder classifier: an upload (resized to the model's input) -> class probabilities."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self._load_artifact(cfg, self.__call__)
+    def __init__(self, cfg: dict[str, Any], name: str):
+        self._load_artifact(cfg, name, self.__call__)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def __call__(self, images: list[np.ndarray]) -> list[tuple[dict[str, Any], dict[str, str]]]:
         self._record_batch(len(images))
-        return await asyncio.to_thread(self._classify, images)
+        return [(answer, self.provenance) for answer in await asyncio.to_thread(self._classify, images)]
 
     def _classify(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         import torch

@@ -1,5 +1,7 @@
-"""The FastAPI ingress of the Serve app: checks the bearer token, validates and decodes uploads (400 bad image,
-413 too large), calls the model deployments with a timeout (504), and turns full queues into 503/429.
+"""The FastAPI ingress of the Serve app: checks the bearer token, validates and decodes uploads (raw bodies or
+multipart forms; 400 bad image, 413 too large), picks the output format (?format= or Accept; 406), calls the model
+deployments with a timeout (504), turns full queues into 503/429, and counts and times every request per route as
+Ray Serve custom metrics. Image answers carry the model's provenance as X-Genray-* headers (and in the image).
 
 Routes: POST /<model> (image models), POST /style/<style> (multiplexed), GET /generate/<model>,
 POST /vae/<model>/reconstruct, GET /vae/<model>/interpolate, POST /classify/<model>, GET /models, /docs.
@@ -12,7 +14,7 @@ import secrets
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
@@ -24,17 +26,23 @@ from genray import __version__
 from genray.config import ServeAppConfig
 from genray.images import ImageError, ImageTooLargeError, decode_image
 from genray.serving.auth import BearerAuth, load_token, open_access_error
+from genray.serving.metrics import RouteMetricsMiddleware, label_model
+from genray.serving.outputs import IMAGE_RESPONSES, ImageOutput, OutputQuery, provenance_headers
+from genray.serving.uploads import IMAGE_FIELD, UploadError, body_reader
 
 # Declared for OpenAPI (an "Authorize" button in /docs); the check itself is Gateway._authorize.
 _bearer = HTTPBearer(auto_error=False, description="needed when the server has a token configured")
 _IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
-_PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
+        IMAGE_FIELD: {"type": "string", "format": "binary"}}}}}}}
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this
 
 api = FastAPI(title="genray", version=__version__, dependencies=[Security(_bearer)],
               description="Generative image models served with Ray Serve: image in as the request body "
-                          "(PNG/JPEG/...), PNG out.")
+                          f"(PNG/JPEG/...) or as the `{IMAGE_FIELD}` field of a multipart form; PNG out, or JPEG / "
+                          "WebP by `?format=` or `Accept`.")
+api.add_middleware(RouteMetricsMiddleware)
 
 
 @api.exception_handler(RequestValidationError)
@@ -58,8 +66,11 @@ def _proxy_host() -> str | None:
         return None
 
 
-def _png(data: bytes, **headers: str) -> Response:
-    return Response(data, media_type="image/png", headers=headers or None)
+def _image(result: tuple[bytes, dict[str, str]], output: ImageOutput, **headers: str) -> Response:
+    """A replica's (encoded image, provenance) as the response; `Vary: Accept` since the format may follow it."""
+    data, provenance = result
+    return Response(data, media_type=output.media_type,
+                    headers={**provenance_headers(provenance), "Vary": "Accept", **headers})
 
 
 @serve.deployment(max_constructor_retry_count=3)  # a bad token setup fails the deploy fast, not after 20 tries
@@ -86,7 +97,11 @@ class Gateway:
         if not self.auth.allows(request.headers.get("authorization")):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def _model(self, name: str, kind: str, reconstructs: bool = False) -> DeploymentHandle:
+    def _output(self, request: Request, query: OutputQuery) -> ImageOutput:
+        """The output encoding: ?format= / ?quality=, else what the Accept header prefers (406 if nothing fits)."""
+        return query.resolve(request.headers.get("accept"))
+
+    def _model(self, request: Request, name: str, kind: str, reconstructs: bool = False) -> DeploymentHandle:
         """The deployment serving `name` as a `kind` model (with `reconstructs`: one that can encode and decode,
         i.e. a VAE); a 404 listing the names that would fit otherwise."""
         def fits(route: dict | None) -> bool:
@@ -96,31 +111,33 @@ class Gateway:
             served = sorted(n for n, r in self.routes.items() if fits(r))
             what = "vae model" if reconstructs else f"{kind} model"
             raise HTTPException(404, f"no {what} {name!r}; served: {', '.join(served) or 'none'}")
+        label_model(request.scope, name)
         return self.models[name]
 
     async def _read_body(self, request: Request) -> bytes:
-        """The upload, within max_body_bytes (413) and body_read_timeout_s (408), held once: the chunks are joined
-        into one bytes object (which decode_image reads in place) and dropped, so no second copy lives on."""
+        """The uploaded image's bytes (the raw body, or a multipart form's image part), within max_body_bytes (413)
+        and body_read_timeout_s (408), both counted on the whole body as it arrives, before anything is decoded.
+        Held once: the chunks are joined into one bytes object (which decode_image reads in place) and dropped."""
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit (max_body_bytes)")
-        chunks: list[bytes] = []
         size = 0
         try:
+            reader = body_reader(request.headers.get("content-type"))
             async with asyncio.timeout(self.cfg.body_read_timeout_s):
                 async for chunk in request.stream():  # counted as it arrives: a lying Content-Length cannot pass
                     size += len(chunk)
                     if size > limit:
                         raise HTTPException(413, f"body is over the {limit}-byte limit (max_body_bytes)")
-                    chunks.append(chunk)
+                    reader.write(chunk)
+            return reader.result()
+        except UploadError as err:
+            raise HTTPException(400, f"bad upload: {err}") from None
         except TimeoutError:
             raise HTTPException(408, f"upload not received within {self.cfg.body_read_timeout_s:g} s "
                                      f"(body_read_timeout_s); {size:,} bytes arrived",
                                 headers={"Connection": "close"}) from None
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        return body
 
     async def _read_image(self, request: Request) -> np.ndarray:
         body = await self._read_body(request)
@@ -163,62 +180,72 @@ class Gateway:
         styles = await self._answer(self.styles.info.remote()) if self.styles else None
         return JSONResponse({"models": models, "styles": styles})
 
-    @api.post("/style/{style}", responses=_PNG, openapi_extra=_IMAGE_BODY)
-    async def stylize(self, style: str, request: Request) -> Response:
+    @api.post("/style/{style}", response_class=Response, responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
+    async def stylize(self, style: str, request: Request, query: OutputQuery = Depends()) -> Response:
         """A fast style network, picked by name from the multiplexed style pool."""
         self._authorize(request)
         known = self.cfg.styles.uris if self.cfg.styles else {}
         if style not in known:
             raise HTTPException(404, f"no style {style!r}; served: {', '.join(sorted(known)) or 'none'}")
+        label_model(request.scope, style)
+        output = self._output(request, query)
         image = await self._read_image(request)
         self._check_output_size(image, 1)
-        return _png(await self._answer(self.styles.options(multiplexed_model_id=style).remote(image)))
+        return _image(await self._answer(self.styles.options(multiplexed_model_id=style).remote(image, output)),
+                      output)
 
-    @api.get("/generate/{model}", responses=_PNG)
+    @api.get("/generate/{model}", response_class=Response, responses=IMAGE_RESPONSES)
     async def generate(self, model: str, request: Request, n: int = 16,
-                       seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
-        """n samples of a DCGAN or VAE as a PNG grid; the same seed gives the same image (X-Seed says which)."""
+                       seed: int | None = Query(None, ge=0, lt=SEED_LIMIT), query: OutputQuery = Depends()) -> Response:
+        """n samples of a DCGAN or VAE as a grid; the same seed gives the same image (X-Seed says which)."""
         self._authorize(request)
-        handle, n = self._model(model, "generator"), self._count(n, "n", 1)
+        handle, n = self._model(request, model, "generator"), self._count(n, "n", 1)
+        output = self._output(request, query)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        grid = await self._answer(handle.generate.remote(n, seed))
-        return _png(grid, **{"X-Seed": str(seed)})
+        grid = await self._answer(handle.generate.remote(n, seed, output))
+        return _image(grid, output, **{"X-Seed": str(seed)})
 
-    @api.post("/vae/{model}/reconstruct", responses=_PNG, openapi_extra=_IMAGE_BODY)
-    async def vae_reconstruct(self, model: str, request: Request) -> Response:
+    @api.post("/vae/{model}/reconstruct", response_class=Response, responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
+    async def vae_reconstruct(self, model: str, request: Request, query: OutputQuery = Depends()) -> Response:
         """The VAE's reconstruction decode(mu) of the upload, resized to the VAE's image size and channels."""
         self._authorize(request)
-        handle = self._model(model, "generator", reconstructs=True)
+        handle = self._model(request, model, "generator", reconstructs=True)
+        output = self._output(request, query)
         image = await self._read_image(request)
-        return _png(await self._answer(handle.reconstruct.remote(image)))
+        return _image(await self._answer(handle.reconstruct.remote(image, output)), output)
 
-    @api.get("/vae/{model}/interpolate", responses=_PNG)
+    @api.get("/vae/{model}/interpolate", response_class=Response, responses=IMAGE_RESPONSES)
     async def vae_interpolate(self, model: str, request: Request, steps: int = 8,
-                              seed: int | None = Query(None, ge=0, lt=SEED_LIMIT)) -> Response:
+                              seed: int | None = Query(None, ge=0, lt=SEED_LIMIT),
+                              query: OutputQuery = Depends()) -> Response:
         """Decodings along the line between two latents drawn with `seed`, as one row of `steps` images."""
         self._authorize(request)
-        handle, steps = self._model(model, "generator", reconstructs=True), self._count(steps, "steps", 2)
+        handle, steps = self._model(request, model, "generator", reconstructs=True), self._count(steps, "steps", 2)
+        output = self._output(request, query)
         seed = secrets.randbelow(2**31) if seed is None else seed
-        strip = await self._answer(handle.interpolate.remote(steps, seed))
-        return _png(strip, **{"X-Seed": str(seed)})
+        strip = await self._answer(handle.interpolate.remote(steps, seed, output))
+        return _image(strip, output, **{"X-Seed": str(seed)})
 
     @api.post("/classify/{model}", openapi_extra=_IMAGE_BODY)
     async def classify(self, model: str, request: Request) -> JSONResponse:
         """Class probabilities for the upload: {"label": k, "probabilities": [...]}."""
         self._authorize(request)
-        handle = self._model(model, "classifier")
+        handle = self._model(request, model, "classifier")
         image = await self._read_image(request)
-        return JSONResponse(await self._answer(handle.remote(image)))
+        probabilities, provenance = await self._answer(handle.remote(image))
+        return JSONResponse(probabilities, headers=provenance_headers(provenance))
 
     # Declared last: a single path segment that none of the routes above claimed names an image model.
-    @api.post("/{name}", responses=_PNG, openapi_extra=_IMAGE_BODY)
-    async def process(self, name: str, request: Request) -> Response:
-        """Image models (denoise, superres, ...): image bytes in, PNG out; large images are tiled."""
+    @api.post("/{name}", response_class=Response, responses=IMAGE_RESPONSES, openapi_extra=_IMAGE_BODY)
+    async def process(self, name: str, request: Request, query: OutputQuery = Depends()) -> Response:
+        """Image models (denoise, superres, ...): an image in (raw body or multipart `image` field), the model's
+        output back as PNG, JPEG or WebP; large images are tiled."""
         self._authorize(request)
-        handle = self._model(name, "image")
+        handle = self._model(request, name, "image")
+        output = self._output(request, query)
         image = await self._read_image(request)
         self._check_output_size(image, self.routes[name]["scale"])
-        return _png(await self._answer(handle.remote(image)))
+        return _image(await self._answer(handle.remote(image, output)), output)
 
     def _check_output_size(self, image: np.ndarray, scale: int) -> None:
         height, width = image.shape[0] * scale, image.shape[1] * scale
