@@ -46,6 +46,30 @@ class _DevTools:
                 return message.get("result", {})
             self.events.append(message)
 
+    def evaluate(self, expression: str):
+        """A JavaScript expression's value in the page (awaited if it is a promise)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    def wait_until(self, expression: str, timeout: float = 60):
+        """Poll a JavaScript expression until it is truthy; returns its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout}s for {expression}")
+            time.sleep(0.2)
+
+    def set_files(self, selector: str, paths: list[str]) -> None:
+        """Choose files in an <input type=file>, as a user does in the file dialog."""
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        self.call("DOM.setFileInputFiles", nodeId=node, files=paths)
+
     def wait_for(self, event: str, timeout: float = 30) -> dict:
         deadline = time.monotonic() + timeout
         while True:

@@ -6,7 +6,9 @@ family (tests/conftest.py `serve_families`).
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +296,34 @@ def test_route_metrics_reach_rays_prometheus_export(serve_families):
     assert seen == expected, (before, seen)
     text = requests.get(url, timeout=10).text
     assert 'model="no-such-model"' not in text and 'ray_genray_request_latency_ms_bucket{' in text
+
+
+def test_the_upload_page_works_in_chromium(serve_families, tmp_path):
+    """The gateway's page at its root, in headless Chromium: it lists the served endpoints from GET models, a user
+    picks the x4 model and a file, presses Run, and the page shows the model's answer next to the upload; no
+    console errors or failed requests on the way."""
+    from browser import load_page
+
+    base, _ = serve_families
+    upload = tmp_path / "photo.png"
+    upload.write_bytes(encode_png(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)))
+    seen = {}
+
+    def use_the_page(page):
+        seen["options"] = page.wait_until("[...document.querySelectorAll('#endpoint option')].map(o => o.value)")
+        page.evaluate("document.getElementById('endpoint').value = 'tiny-srgan'")
+        page.set_files("#file", [str(upload)])
+        page.evaluate("document.getElementById('form').requestSubmit()")
+        seen["after"] = page.wait_until("(() => { const a = document.getElementById('after');"
+                                        " return a.naturalWidth ? [a.naturalWidth, a.naturalHeight] : null })()")
+        seen["before"] = page.wait_until("document.getElementById('before').naturalWidth")
+        seen["caption"] = page.evaluate("document.getElementById('after-caption').textContent")
+
+    page = load_page(f"{base}/", actions=use_the_page, height=900)
+    assert page.errors == [] and page.title == "genray"
+    assert {"tiny-srgan", "tiny-photo_denoiser"} <= set(seen["options"]) and any(
+        o.startswith("style/") for o in seen["options"])
+    assert seen["before"] == 32 and seen["after"] == [128, 96]  # x4 of the 32x24 upload, through the page
+    assert "PNG" in seen["caption"] and "sha256:" in seen["caption"]
+    if os.environ.get("GENRAY_SCREENSHOT_DIR"):  # how docs/serve-page.png is made
+        (Path(os.environ["GENRAY_SCREENSHOT_DIR"]) / "serve-page.png").write_bytes(page.screenshot)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -28,6 +28,7 @@ from genray.images import ImageError, ImageTooLargeError, decode_image
 from genray.serving.auth import BearerAuth, load_token, open_access_error
 from genray.serving.metrics import RouteMetricsMiddleware, label_model
 from genray.serving.outputs import IMAGE_RESPONSES, ImageOutput, OutputQuery, provenance_headers
+from genray.serving.page import PAGE
 from genray.serving.uploads import IMAGE_FIELD, UploadError, body_reader
 
 # Declared for OpenAPI (an "Authorize" button in /docs); the check itself is Gateway._authorize.
@@ -169,6 +170,12 @@ class Gateway:
             raise HTTPException(503, f"model unavailable: {err.message}") from None
 
     # -- routes -------------------------------------------------------------------------------------------
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The upload page (genray/serving/page.py). Static and secret-free, so it needs no token; the routes
+        it calls check the token as for any client."""
+        return HTMLResponse(PAGE)
 
     @api.get("/models")
     async def list_models(self, request: Request) -> JSONResponse:
