@@ -112,6 +112,9 @@ TODO_SCHEMA = pa.schema([("input_key", pa.string()), ("input_uri", pa.string()),
                          ("input_size", pa.int64())])  # from the listing: checked against --max-input-bytes
 # What a rerun's diff reads ('error': to skip inputs that killed their workers).
 PLAN_COLUMNS = ["input_key", "output_key", "status", "input_etag", "model_digest", "error"]
+# Listing pages are diffed in batches of this many keys: each Arrow call over a batch costs tens of microseconds
+# (the regexes are compiled per call), so a batch of one 1,000-key page would spend about 1 us per key on that.
+PLAN_BATCH = 16_384
 BLOCK_BATCHES = 4  # a block of the to-do dataset holds this many batches: small enough to spread a short job
 VERIFY_THREADS = 16  # --verify-outputs: HEAD requests in flight
 _TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#' before the member's key
@@ -119,7 +122,8 @@ _TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#'
 
 def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) -> Plan:
     """List the inputs page by page and diff each page against the manifest (Arrow, sorted by key) as it comes:
-    memory is the manifest's planning columns plus a page, and time is linear in inputs + manifest rows.
+    memory is the manifest's planning columns plus a batch of pages (PLAN_BATCH), and time is linear in inputs +
+    manifest rows.
     `sink(table)` receives each block of loose images to process and `unit_sink(table)` each archive to read
     (read_stage.UNIT_SCHEMA); the defaults keep the tables (tests, the dry run)."""
     tar = cfg.output_format == "tar"
@@ -135,7 +139,7 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) 
         archive_objs: list[storage.ObjectInfo] = []
         block: list[pa.Table] = []
         block_rows, target = 0, BLOCK_BATCHES * cfg.batch_size
-        for page in pages:
+        for page in _batched(pages, PLAN_BATCH):
             if out_rel:  # never eat our own outputs
                 page = [obj for obj in page if not obj.key.startswith(out_rel)]
             # Per page with Arrow where it can (keys are checked a million times a run): Python per key only for
@@ -205,6 +209,18 @@ def _input_pages(input_uri: str):
             return inputs.base_uri, [objs] if objs else [], inputs.missing
     suffixes = IMAGE_SUFFIXES + archives.ARCHIVE_SUFFIXES
     return input_uri, storage.iter_object_pages(input_uri, suffixes=suffixes), []
+
+
+def _batched(pages, size: int):
+    """Listing pages regrouped into batches of at least `size` keys (the last may be smaller), in order."""
+    batch: list[storage.ObjectInfo] = []
+    for page in pages:
+        batch += page
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
