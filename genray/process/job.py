@@ -112,9 +112,6 @@ TODO_SCHEMA = pa.schema([("input_key", pa.string()), ("input_uri", pa.string()),
                          ("input_size", pa.int64())])  # from the listing: checked against --max-input-bytes
 # What a rerun's diff reads ('error': to skip inputs that killed their workers).
 PLAN_COLUMNS = ["input_key", "output_key", "status", "input_etag", "model_digest", "error"]
-# Listing pages are diffed in batches of this many keys: each Arrow call over a batch costs tens of microseconds
-# (the regexes are compiled per call), so a batch of one 1,000-key page would spend about 1 us per key on that.
-PLAN_BATCH = 16_384
 BLOCK_BATCHES = 4  # a block of the to-do dataset holds this many batches: small enough to spread a short job
 VERIFY_THREADS = 16  # --verify-outputs: HEAD requests in flight
 _TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#' before the member's key
@@ -122,8 +119,7 @@ _TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#'
 
 def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) -> Plan:
     """List the inputs page by page and diff each page against the manifest (Arrow, sorted by key) as it comes:
-    memory is the manifest's planning columns plus a batch of pages (PLAN_BATCH), and time is linear in inputs +
-    manifest rows.
+    memory is the manifest's planning columns plus a page, and time is linear in inputs + manifest rows.
     `sink(table)` receives each block of loose images to process and `unit_sink(table)` each archive to read
     (read_stage.UNIT_SCHEMA); the defaults keep the tables (tests, the dry run)."""
     tar = cfg.output_format == "tar"
@@ -139,14 +135,14 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) 
         archive_objs: list[storage.ObjectInfo] = []
         block: list[pa.Table] = []
         block_rows, target = 0, BLOCK_BATCHES * cfg.batch_size
-        for page in _batched(pages, PLAN_BATCH):
+        for page in pages:
             if out_rel:  # never eat our own outputs
                 page = [obj for obj in page if not obj.key.startswith(out_rel)]
             # Per page with Arrow where it can (keys are checked a million times a run): Python per key only for
             # names that need it.
             names = [obj.key for obj in page]
             keys = pa.array(names, pa.string())
-            if not pc.all(pc.match_substring_regex(keys, _PRINTABLE_ASCII)).as_py() \
+            if not pc.all(pc.ascii_is_printable(keys)).as_py() \
                     and any(archives.has_control(obj.key) for obj in page):
                 # A newline or a bidi override in a name would forge log lines and spoof manifest keys: refused,
                 # recorded under the escaped name.
@@ -211,18 +207,6 @@ def _input_pages(input_uri: str):
     return input_uri, storage.iter_object_pages(input_uri, suffixes=suffixes), []
 
 
-def _batched(pages, size: int):
-    """Listing pages regrouped into batches of at least `size` keys (the last may be smaller), in order."""
-    batch: list[storage.ObjectInfo] = []
-    for page in pages:
-        batch += page
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _nested_prefix(input_uri: str, output_uri: str) -> str | None:
     base, out = input_uri.rstrip("/") + "/", output_uri.rstrip("/") + "/"
     return out[len(base):] if out.startswith(base) else None
@@ -265,11 +249,9 @@ class _OutputKeys:
         A plain key (no folder named like an archive) whose group is new gets its default output key, derived for
         the whole page at once with Arrow, and only a dict entry in Python; the others (collisions, unusual names)
         take output_key_for's path. The same keys as __call__ one by one."""
-        fast = pc.and_(pc.and_(pc.match_substring_regex(array, _FAST_KEY), pc.match_substring_regex(array, _GROUP)),
+        fast = pc.and_(pc.match_substring_regex(array, _FAST_KEY),
                        pc.invert(pc.match_substring_regex(array, _ARCHIVE_FOLDER))).to_pylist()
-        defaults = pc.binary_join_element_wise(pc.replace_substring_regex(array, _EXTENSION, r"\1"), ".png",
-                                               "").to_pylist()
-        groups = pc.replace_substring_regex(array, _GROUP, r"\1").to_pylist()
+        defaults, groups = _defaults_and_groups(array)
         # Sorted: within the page (Arrow compares UTF-8 bytes, which orders as Python compares str) and after the
         # page before.
         if self.sorted and len(keys) and (keys[0] < self.last or (len(keys) > 1 and not pc.all(pc.greater(
@@ -300,13 +282,29 @@ def _plain_key(key: str) -> bool:
     return _PLAIN_KEY.fullmatch(key) is not None
 
 
-# The same in RE2 for Arrow, on input keys, with a dot in the name (every image's): such a key's default output key
-# is plain too, and it needs neither archives.loose_key ('#', '%') nor archives.has_control.
+# The same in RE2 for Arrow, on input keys: an image key like this has a plain default output key, and needs neither
+# archives.loose_key ('#', '%') nor archives.has_control.
 _FAST_KEY = "^" + _PLAIN_KEY.pattern + "$"
 _ARCHIVE_FOLDER = "(?i)(" + "|".join(re.escape(s) for s in archives.ARCHIVE_SUFFIXES) + ")/"  # marked: the slow path
-_EXTENSION = r"^(.*[^/])\.[^./]+$"  # manifest._with_png_suffix on a plain key: 'a/b.c.jpg' -> 'a/b.c'
-_GROUP = r"^((?:.*/)?[^/.]*\.)[^/]*$"  # _OutputKeys' group: 'a/b.c.jpg' -> 'a/b.'
-_PRINTABLE_ASCII = r"^[\x20-\x7e]*$"  # no archives.has_control in such a key
+_LONG_SUFFIXES = [s for s in IMAGE_SUFFIXES if len(s) == 5]  # the others have 4 characters
+assert all(len(s) in (4, 5) and s.count(".") == 1 for s in IMAGE_SUFFIXES)
+
+
+def _defaults_and_groups(array: pa.Array) -> tuple[list[str], list[str]]:
+    """For plain image keys (_FAST_KEY, ASCII): manifest._with_png_suffix ('a/b.c.jpg' -> 'a/b.c.png': the image
+    suffix's dot is the name's last, and a plain name does not start with '.') and _OutputKeys' group ('a/b.c.jpg'
+    -> 'a/b.'), with Arrow string kernels (a regex replace costs several times more per key). Other keys get
+    values the caller ignores."""
+    lower = pc.ascii_lower(array)
+    long = functools.reduce(pc.or_, [pc.ends_with(lower, s) for s in _LONG_SUFFIXES])
+    stems = pc.if_else(long, pc.utf8_slice_codeunits(array, 0, -5), pc.utf8_slice_codeunits(array, 0, -4))
+    defaults = pc.binary_join_element_wise(stems, ".png", "")
+    # '/' + key splits from the right into [folders, name] ('' when there is no folder).
+    folders_name = pc.split_pattern(pc.binary_join_element_wise("/", array, ""), "/", max_splits=1, reverse=True)
+    first = pc.list_element(pc.split_pattern(pc.list_element(folders_name, 1), ".", max_splits=1), 0)
+    groups = pc.utf8_slice_codeunits(
+        pc.binary_join_element_wise(pc.list_element(folders_name, 0), "/", first, ".", ""), 1)
+    return defaults.to_pylist(), groups.to_pylist()
 _IMAGE = "(" + "|".join("".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in suffix)
                          for suffix in IMAGE_SUFFIXES) + ")$"  # read_stage.is_image (ASCII case-insensitive)
 
