@@ -195,6 +195,11 @@ def test_archive_planning_leaves_the_driver_as_arrow_unit_tables(tmp_path):
     assert list(done) == ["x.tar#m1.png"] and done["x.tar#m1.png"] == rows[2]
     assert units["x.tar.gz"].column("done")[0].as_py() is None
     assert json.loads(units["x.tar"].column("unit")[0].as_py())["num_done"] == 1
+    # The dry run names them, from the unit tables.
+    lines: list[str] = []
+    job._run_process_job(_cfg(inputs, output, dry_run=True), lines.append, None, None, {"digest": DIGEST})
+    assert "  would read archive x.tar (1 bytes, 1 members done)" in lines
+    assert "  would read archive x.tar.gz (1 bytes, 0 members done)" in lines
     # --retry-errors: z.tar is read again.
     again = job.plan(_cfg(inputs, output, retry_errors=True), DIGEST)
     assert {json.loads(t.column("unit")[0].as_py())["key"] for t in again.units} == {"x.tar", "x.tar.gz", "z.tar"}
