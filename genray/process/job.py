@@ -185,9 +185,10 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) 
         keys = rows.column("input_key")
         own = pa.array(sorted({archives.loose_key(o.key) for o in archive_objs}), pa.string())
         rows = rows.filter(pc.or_(pc.match_substring(keys, "#"), pc.is_in(keys, value_set=own)))  # stays sorted
-        found = read_stage.plan_archives(archive_objs, rows, digest, cfg.output_uri, tar, cfg.retry_errors)
+        found = read_stage.plan_archives(archive_objs, rows, digest, cfg.output_uri, tar, cfg.retry_errors,
+                                         unit_sink)
         del rows, keys
-        work.units = [unit_sink(table) for table in found.units]
+        work.units = found.units
         work.refused += found.refused
         work.num_skipped += found.num_skipped
         work.num_died += found.num_died

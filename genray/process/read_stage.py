@@ -156,7 +156,7 @@ UNIT_SCHEMA = pa.schema([("unit", pa.string()), ("done", pa.binary())])
 class ArchivePlan:
     """What plan_archives found, counted: only the archives to read travel on, as unit tables."""
 
-    units: list[pa.Table] = field(default_factory=list)  # one-row UNIT_SCHEMA tables
+    units: list[Any] = field(default_factory=list)  # one-row UNIT_SCHEMA tables, as `sink` returned them
     num_skipped: int = 0  # members done before, of archives skipped whole
     num_died: int = 0  # members (and archives) recorded as "worker died while ...", of archives skipped whole
     num_archives_done: int = 0  # archives read in full before, skipped whole
@@ -164,9 +164,10 @@ class ArchivePlan:
 
 
 def plan_archives(objects: list[storage.ObjectInfo], done: pa.Table, digest: str, output_uri: str, tar: bool,
-                  retry_errors: bool = False) -> ArchivePlan:
+                  retry_errors: bool = False, sink=None) -> ArchivePlan:
     """The archives to read, and the counts of those skipped whole. `done`: the manifest's rows (all columns, sorted
-    by input_key, as manifest.read_latest gives them); an archive's members are one contiguous slice of it."""
+    by input_key, as manifest.read_latest gives them); an archive's members are one contiguous slice of it.
+    `sink(table)` takes each archive's unit table as it is made (e.g. ray.put; default: keep the table)."""
     keys = done.column("input_key").combine_chunks()
     out = ArchivePlan()
     for obj in objects:
@@ -195,7 +196,8 @@ def plan_archives(objects: list[storage.ObjectInfo], done: pa.Table, digest: str
         else:
             unit = {"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
                     "num_done": usable.num_rows}
-            out.units.append(pa.table([[json.dumps(unit)], [encode_done(usable)]], schema=UNIT_SCHEMA))
+            table = pa.table([[json.dumps(unit)], [encode_done(usable)]], schema=UNIT_SCHEMA)
+            out.units.append(sink(table) if sink else table)
     return out
 
 
