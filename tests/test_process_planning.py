@@ -3,14 +3,16 @@ over a sorted listing, incremental compaction, quarantine of unreadable manifest
 Local storage and the S3 server; no Ray (planning runs on the driver)."""
 from __future__ import annotations
 
+import json
 import os
 
+import pyarrow as pa
 import pyarrow.dataset as pds
 import pytest
 
 from genray import storage
 from genray.config import ProcessConfig
-from genray.process import job, manifest
+from genray.process import job, manifest, read_stage
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -160,3 +162,78 @@ def test_verify_outputs_redoes_rows_whose_output_is_gone(tmp_path, s3_bucket):
     assert job.plan(_cfg(inputs, output), DIGEST).num_skipped == 3  # trusted by default
     work = job.plan(_cfg(inputs, output, verify_outputs=True), DIGEST)
     assert work.num_skipped == 2 and _todo_keys(work) == ["b.png"]
+
+
+def test_archive_planning_leaves_the_driver_as_arrow_unit_tables(tmp_path):
+    # x.tar's members lie between 'x.tar' and 'x.tar.gz' ('#' < '$' < '.'): each archive gets only its own slice.
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    _touch(inputs, ["a.png", "x.tar", "x.tar.gz", "y.tar", "z.tar"])
+    objs = {o.key: o for o in storage.list_objects(str(inputs))}
+
+    def row(key, archive, status="ok", **kw):
+        out = None if "#" not in key else f"{archive}/{key.split('#', 1)[1]}"
+        return {"input_key": key, "output_key": out, "status": status, "error": None,
+                "input_etag": objs[archive].etag, "model_digest": DIGEST, "width": 1, "height": 1, "seconds": 0.5,
+                "node_id": "n", **kw}
+
+    rows = [row("a.png", "a.png", output_key="a.png"),
+            row("x.tar", "x.tar"), row("x.tar#m1.png", "x.tar"), row("x.tar#m2.png", "x.tar", input_etag="old"),
+            row("y.tar", "y.tar"), row("y.tar#n1.png", "y.tar"), row("y.tar#n2.png", "y.tar"),
+            row("z.tar", "z.tar", "error", error=manifest.WORKER_DIED_READING)]
+    manifest.write_part(str(output), manifest.new_run_id(), 0, rows)
+    work = job.plan(_cfg(inputs, output), DIGEST)
+    # a.png and y.tar's two members skipped, y.tar read in full before; z.tar killed its read workers.
+    assert (work.num_todo, work.num_skipped, work.num_archives_done, work.num_died) == (0, 3, 1, 1)
+    # What is left to read leaves plan() as one-row Arrow tables (a real run puts each in the object store and
+    # keeps its ObjectRef): no dict per member on the driver.
+    assert all(isinstance(t, pa.Table) and t.schema == read_stage.UNIT_SCHEMA and t.num_rows == 1
+               for t in work.units)
+    units = {json.loads(t.column("unit")[0].as_py())["key"]: t for t in work.units}
+    assert set(units) == {"x.tar", "x.tar.gz"}
+    # The read task decodes its archive's done rows (all manifest columns: a skipped member's row is kept whole).
+    done = read_stage.decode_done(units["x.tar"].column("done")[0].as_py())
+    assert list(done) == ["x.tar#m1.png"] and done["x.tar#m1.png"] == rows[2]
+    assert units["x.tar.gz"].column("done")[0].as_py() is None
+    assert json.loads(units["x.tar"].column("unit")[0].as_py())["num_done"] == 1
+    # The dry run names them, from the unit tables.
+    lines: list[str] = []
+    job._run_process_job(_cfg(inputs, output, dry_run=True), lines.append, None, None, {"digest": DIGEST})
+    assert "  would read archive x.tar (1 bytes, 1 members done)" in lines
+    assert "  would read archive x.tar.gz (1 bytes, 0 members done)" in lines
+    # --retry-errors: z.tar is read again.
+    again = job.plan(_cfg(inputs, output, retry_errors=True), DIGEST)
+    assert {json.loads(t.column("unit")[0].as_py())["key"] for t in again.units} == {"x.tar", "x.tar.gz", "z.tar"}
+    assert again.num_died == 0
+
+
+def test_output_keys_by_page_match_output_key_for_one_by_one():
+    # Random names over an alphabet that hits every path: collisions, folders named like archives (any case),
+    # marks, '#'/'%', spaces, dots at either end; pages cut anywhere.
+    import random
+
+    rng = random.Random(7)
+    parts = ["a", "b", "B", ".", "..", "~", "#", "%23", " ", "-", "x.tar", "y.TGZ", "z.zip", "é", "c.d"]
+    suffixes = [".png", ".jpg", ".JPEG", ".png.jpg", ".tif"]  # what the listing gives: images
+    keys = set()
+    while len(keys) < 3000:
+        folders = ["".join(rng.choices(parts, k=rng.randint(1, 3))) for _ in range(rng.randint(0, 2))]
+        name = "".join(rng.choices(parts, k=rng.randint(1, 3))) + rng.choice(suffixes)
+        keys.add("/".join(folders + [name]))
+    keys = sorted(keys)
+    one_by_one = job._OutputKeys()
+    want = [one_by_one(k) for k in keys]
+    streamed, got, i = job._OutputKeys(), [], 0
+    while i < len(keys):
+        page = keys[i:i + rng.randint(1, 50)]
+        outs, slow = streamed.page(page, pa.array(page, pa.string()))
+        got += outs
+        # A key off the slow path is plain, in and out: no escaping, no storage check needed.
+        assert all(job._plain_key(page[j]) and job._plain_key(outs[j]) for j in range(len(page)) if j not in slow)
+        i += len(page)
+    assert got == want
+    # ... which is output_key_for over the whole listing, for keys without '.' or '..' segments (those are not
+    # normalised alike by the two: a known gap of _OutputKeys' grouping, left as it was).
+    plain = [k for k in keys if not {".", ".."} & set(k.split("/"))]
+    taken: set[str] = set()
+    assert [out for k, out in zip(keys, got) if k in set(plain)] == [manifest.output_key_for(k, taken) for k in plain]
+    assert len(streamed.groups) <= 100  # groups the listing has left are forgotten

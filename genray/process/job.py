@@ -104,7 +104,7 @@ class Plan:
     num_todo: int = 0
     num_skipped: int = 0  # images the manifest has done with this model and input ETag
     refused: list[dict[str, Any]] = field(default_factory=list)  # error rows before any work
-    units: list[dict[str, Any]] = field(default_factory=list)  # archives to read (read_stage.plan_archives)
+    units: list[Any] = field(default_factory=list)  # archives to read: ObjectRefs of one-row UNIT_SCHEMA tables
     num_archives_done: int = 0  # archives read in full before (their members are in num_skipped)
     num_died: int = 0  # inputs (and archives) recorded as "worker died while ...", not retried (--retry-errors)
 
@@ -119,12 +119,14 @@ VERIFY_THREADS = 16  # --verify-outputs: HEAD requests in flight
 _TAR_OUTPUT = r"^shard-\d{6,}\.tar#"  # manifest.SHARD_RE, anchored, and the '#' before the member's key
 
 
-def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
+def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) -> Plan:
     """List the inputs page by page and diff each page against the manifest (Arrow, sorted by key) as it comes:
     memory is the manifest's planning columns plus a page, and time is linear in inputs + manifest rows.
-    `sink(table)` receives each block of loose images to process (default: keep the tables, for tests)."""
+    `sink(table)` receives each block of loose images to process and `unit_sink(table)` each archive to read
+    (read_stage.UNIT_SCHEMA); the defaults keep the tables (tests, the dry run)."""
     tar = cfg.output_format == "tar"
     sink = sink or (lambda table: table)
+    unit_sink = unit_sink or (lambda table: table)
     work = Plan()
     done = manifest.read_latest(cfg.output_uri, PLAN_COLUMNS, quarantine_bad=not cfg.dry_run, log=log)
     done_keys = done.column("input_key").combine_chunks()
@@ -138,19 +140,30 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
         for page in pages:
             if out_rel:  # never eat our own outputs
                 page = [obj for obj in page if not obj.key.startswith(out_rel)]
-            if any(archives.has_control(obj.key) for obj in page):
+            # Per page with Arrow where it can (keys are checked a million times a run): Python per key only for
+            # names that need it.
+            names = [obj.key for obj in page]
+            keys = pa.array(names, pa.string())
+            if not pc.all(pc.ascii_is_printable(keys)).as_py() \
+                    and any(archives.has_control(obj.key) for obj in page):
                 # A newline or a bidi override in a name would forge log lines and spoof manifest keys: refused,
                 # recorded under the escaped name.
                 work.refused += [read_stage.error_row(archives.escape_control(obj.key), obj.etag, digest,
                                                       "refused: control character in name")
                                  for obj in page if archives.has_control(obj.key)]
                 page = [obj for obj in page if not archives.has_control(obj.key)]
-            images = [obj for obj in page if read_stage.is_image(obj.key)]
-            if len(images) < len(page):  # the listing holds only images and archives
-                archive_objs += [obj for obj in page if archives.is_archive(obj.key)]
+                names = [obj.key for obj in page]
+                keys = pa.array(names, pa.string())
+            is_image = pc.match_substring_regex(keys, _IMAGE)
+            images = page
+            if not pc.all(is_image).as_py():  # the listing holds only images and archives
+                flags = is_image.to_pylist()
+                images = [obj for obj, image in zip(page, flags) if image]
+                archive_objs += [obj for obj, image in zip(page, flags) if not image]
+                names, keys = [obj.key for obj in images], keys.filter(is_image)
             if not images:
                 continue
-            todo = _diff_page(cfg, digest, tar, images, out_keys, done, done_keys, work)
+            todo = _diff_page(cfg, digest, tar, images, names, keys, out_keys, done, done_keys, work)
             if todo.num_rows:
                 work.num_todo += todo.num_rows
                 block.append(todo)
@@ -167,15 +180,21 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print) -> Plan:
     del done, done_keys
     work.refused += [read_stage.error_row(archives.loose_key(key), None, digest, why) for key, why in missing]
     if archive_objs:
-        # Archives: their members' rows as dicts, for read_stage (bounded by the archives' members, not by the loose
-        # inputs; reading each archive's rows in its own read task instead is left for later).
-        members = _archive_rows(cfg.output_uri, archive_objs)
-        units, skipped, refused = read_stage.plan_archives(archive_objs, members, digest, cfg.output_uri, tar,
-                                                           cfg.retry_errors)
-        work.units, work.refused = units, work.refused + refused
-        work.num_skipped += sum(r.get("num_rows") is None and r["status"] != "error" for r in skipped)
-        work.num_died += sum(r["status"] == "error" for r in skipped)  # an archive's own row too
-        work.num_archives_done = sum(r.get("num_rows") is not None and r["status"] != "error" for r in skipped)
+        # Archives: their members' rows (all columns: a member skipped in a read archive gets its row again) as
+        # Arrow; each archive to read leaves as a unit table through unit_sink (the object store), the rest counted.
+        # Unreadable files were reported (and quarantined) by the first read.
+        rows = manifest.read_latest(cfg.output_uri, quarantine_bad=False, log=lambda _: None)
+        keys = rows.column("input_key")
+        own = pa.array(sorted({archives.loose_key(o.key) for o in archive_objs}), pa.string())
+        rows = rows.filter(pc.or_(pc.match_substring(keys, "#"), pc.is_in(keys, value_set=own)))  # stays sorted
+        found = read_stage.plan_archives(archive_objs, rows, digest, cfg.output_uri, tar, cfg.retry_errors,
+                                         unit_sink)
+        del rows, keys
+        work.units = found.units
+        work.refused += found.refused
+        work.num_skipped += found.num_skipped
+        work.num_died += found.num_died
+        work.num_archives_done = found.num_archives_done
     return work
 
 
@@ -215,11 +234,46 @@ class _OutputKeys:
         self.last = key
         self.calls += 1
         if self.sorted and self.calls % 256 == 0:
-            for prefix in [p for p in self.groups if not key.startswith(p)]:
-                del self.groups[prefix]  # key > prefix and does not start with it: no later key does either
+            self._forget(key)
+        return self._take(key)
+
+    def _take(self, key: str) -> str:
         dot = key.find(".", key.rfind("/") + 1)  # the name's first dot
         group = key[:dot + 1] if dot >= 0 else key + "."
         return manifest.output_key_for(key, self.groups.setdefault(group, set()))
+
+    def _forget(self, key: str) -> None:
+        for prefix in [p for p in self.groups if not key.startswith(p)]:
+            del self.groups[prefix]  # key > prefix and does not start with it: no later key does either
+
+    def page(self, keys: list[str], array: pa.Array) -> tuple[list[str], list[int]]:
+        """The output keys of a page of the listing (`array`: the same keys in Arrow), and the positions of those
+        that took the slow path (their input and output keys may need archives.loose_key and storage's checks).
+        A plain key (no folder named like an archive) whose group is new gets its default output key, derived for
+        the whole page at once with Arrow, and only a dict entry in Python; the others (collisions, unusual names)
+        take output_key_for's path. The same keys as __call__ one by one."""
+        fast = pc.and_(pc.match_substring_regex(array, _FAST_KEY),
+                       pc.invert(pc.match_substring_regex(array, _ARCHIVE_FOLDER))).to_pylist()
+        defaults, groups = _defaults_and_groups(array)
+        # Sorted: within the page (Arrow compares UTF-8 bytes, which orders as Python compares str) and after the
+        # page before.
+        if self.sorted and len(keys) and (keys[0] < self.last or (len(keys) > 1 and not pc.all(pc.greater(
+                array.slice(1), array.slice(0, len(keys) - 1))).as_py())):
+            self.sorted = False
+        outs, slow, taken = [], [], self.groups
+        for i, (key, plain, default, group) in enumerate(zip(keys, fast, defaults, groups)):
+            if plain and group not in taken:
+                taken[group] = {default}
+                outs.append(default)
+            else:
+                outs.append(self._take(key))
+                slow.append(i)
+        if len(keys):
+            self.last = keys[-1]
+            self.calls += len(keys)
+            if self.sorted:
+                self._forget(self.last)
+        return outs, slow
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_. -]*(/[A-Za-z0-9_-][A-Za-z0-9_. -]*)*")
@@ -231,21 +285,52 @@ def _plain_key(key: str) -> bool:
     return _PLAIN_KEY.fullmatch(key) is not None
 
 
-def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.ObjectInfo], out_keys: _OutputKeys,
-               done: pa.Table, done_keys: pa.Array, work: Plan) -> pa.Table:
-    """One listing page against the manifest: counts the skipped, records refused keys, returns the to-do rows."""
-    outs = [out_keys(obj.key) for obj in images]
-    unsafe = [i for i, out in enumerate(outs) if not _plain_key(out)]
-    for i in reversed(unsafe):  # the storage layer decides; only keys with unusual characters get that far
-        try:
-            storage.join_uri(cfg.output_uri, outs[i])
-        except storage.UnsafeKeyError as err:
-            obj = images.pop(i)
-            outs.pop(i)
-            work.refused.append(read_stage.error_row(archives.loose_key(obj.key), obj.etag, digest, str(err)))
-    # input_key: '#' in a name is escaped (archives.loose_key), as the first '#' separates archive and member.
-    page = pa.table([[archives.loose_key(o.key) for o in images], [o.uri for o in images],
-                     [o.etag for o in images], outs, [o.size for o in images]], schema=TODO_SCHEMA)
+# The same in RE2 for Arrow, on input keys: an image key like this has a plain default output key, and needs neither
+# archives.loose_key ('#', '%') nor archives.has_control.
+_FAST_KEY = "^" + _PLAIN_KEY.pattern + "$"
+_ARCHIVE_FOLDER = "(?i)(" + "|".join(re.escape(s) for s in archives.ARCHIVE_SUFFIXES) + ")/"  # marked: the slow path
+_LONG_SUFFIXES = [s for s in IMAGE_SUFFIXES if len(s) == 5]  # the others have 4 characters
+assert all(len(s) in (4, 5) and s.count(".") == 1 for s in IMAGE_SUFFIXES)
+
+
+def _defaults_and_groups(array: pa.Array) -> tuple[list[str], list[str]]:
+    """For plain image keys (_FAST_KEY, ASCII): manifest._with_png_suffix ('a/b.c.jpg' -> 'a/b.c.png': the image
+    suffix's dot is the name's last, and a plain name does not start with '.') and _OutputKeys' group ('a/b.c.jpg'
+    -> 'a/b.'), with Arrow string kernels (a regex replace costs several times more per key). Other keys get
+    values the caller ignores."""
+    lower = pc.ascii_lower(array)
+    long = functools.reduce(pc.or_, [pc.ends_with(lower, s) for s in _LONG_SUFFIXES])
+    stems = pc.if_else(long, pc.utf8_slice_codeunits(array, 0, -5), pc.utf8_slice_codeunits(array, 0, -4))
+    defaults = pc.binary_join_element_wise(stems, ".png", "")
+    # '/' + key splits from the right into [folders, name] ('' when there is no folder).
+    folders_name = pc.split_pattern(pc.binary_join_element_wise("/", array, ""), "/", max_splits=1, reverse=True)
+    first = pc.list_element(pc.split_pattern(pc.list_element(folders_name, 1), ".", max_splits=1), 0)
+    groups = pc.utf8_slice_codeunits(
+        pc.binary_join_element_wise(pc.list_element(folders_name, 0), "/", first, ".", ""), 1)
+    return defaults.to_pylist(), groups.to_pylist()
+_IMAGE = "(" + "|".join("".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in suffix)
+                         for suffix in IMAGE_SUFFIXES) + ")$"  # read_stage.is_image (ASCII case-insensitive)
+
+
+def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.ObjectInfo], names: list[str],
+               keys: pa.Array, out_keys: _OutputKeys, done: pa.Table, done_keys: pa.Array, work: Plan) -> pa.Table:
+    """One listing page (`names`: its keys, `keys`: the same in Arrow) against the manifest: counts the skipped,
+    records refused keys, returns the to-do rows."""
+    outs, slow = out_keys.page(names, keys)
+    if slow:
+        images = list(images)
+        unsafe = [i for i in slow if not _plain_key(outs[i])]
+        for i in reversed(unsafe):  # the storage layer decides; only keys with unusual characters get that far
+            try:
+                storage.join_uri(cfg.output_uri, outs[i])
+            except storage.UnsafeKeyError as err:
+                obj = images.pop(i)
+                outs.pop(i)
+                work.refused.append(read_stage.error_row(archives.loose_key(obj.key), obj.etag, digest, str(err)))
+        # input_key: '#' in a name is escaped (archives.loose_key), as the first '#' separates archive and member.
+        keys = pa.array([archives.loose_key(o.key) for o in images], pa.string())
+    page = pa.table([keys, [o.uri for o in images], [o.etag for o in images], outs, [o.size for o in images]],
+                    schema=TODO_SCHEMA)
     if not page.num_rows or not len(done_keys):
         return page
     keys = page.column("input_key")
@@ -256,11 +341,9 @@ def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.
         return page
     near = done.slice(lo, hi - lo)  # the manifest's rows in this page's key range (sorted listing: about a page)
     prev = near.take(pc.index_in(keys, value_set=near.column("input_key").combine_chunks()))
-    status = prev.column("status").cast(pa.string())
-    ok = pc.and_kleene(pc.is_in(status, value_set=pa.array(["ok", "skipped"])),
-                       pc.equal(prev.column("input_etag"), page.column("input_etag")))
-    ok = pc.and_kleene(ok, pc.equal(prev.column("model_digest").cast(pa.string()), pa.scalar(digest)))
+    etags = page.column("input_etag")
     prev_out = prev.column("output_key")
+    ok = manifest.current_mask(prev, etags, digest)
     if tar:  # 'shard-000012.tar#a/b.png': in some shard, under the key this run would write
         ok = pc.and_kleene(ok, pc.match_substring_regex(prev_out, _TAR_OUTPUT))
         prev_out = pc.replace_substring_regex(prev_out, _TAR_OUTPUT, "")
@@ -269,12 +352,7 @@ def _diff_page(cfg: ProcessConfig, digest: str, tar: bool, images: list[storage.
         ok = _verify_outputs(cfg, ok, pc.filter(prev.column("output_key"), ok))
     work.num_skipped += pc.sum(ok).as_py() or 0
     if not cfg.retry_errors:  # inputs that killed --max-attempts workers stay error rows, untouched
-        error = prev.column("error").cast(pa.string())
-        died = pc.and_kleene(pc.equal(status, pa.scalar("error")),
-                             pc.or_kleene(*[pc.starts_with(error, prefix) for prefix in manifest.DIED]))
-        died = pc.and_kleene(died, pc.equal(prev.column("input_etag"), page.column("input_etag")))
-        died = pc.fill_null(pc.and_kleene(died, pc.equal(prev.column("model_digest").cast(pa.string()),
-                                                          pa.scalar(digest))), False)
+        died = manifest.died_mask(prev, etags, digest)
         work.num_died += pc.sum(died).as_py() or 0
         ok = pc.or_(ok, died)
     return page.filter(pc.invert(ok))
@@ -297,23 +375,6 @@ def _verify_outputs(cfg: ProcessConfig, ok: pa.Array, outputs: pa.Array) -> pa.A
         found = dict(zip(set(names), pool.map(exists, set(names))))
     flags = iter([found[n] for n in names])
     return pa.array([bool(v) and next(flags) for v in ok.to_pylist()])
-
-
-def _archive_rows(output_uri: str, objs: list[storage.ObjectInfo]) -> dict[str, dict[str, Any]]:
-    """The manifest's rows of these archives and of their members, as read_stage.plan_archives takes them."""
-    # Unreadable files were reported (and quarantined) by the first read.
-    table = manifest.read_latest(output_uri, quarantine_bad=False, log=lambda _: None)
-    names = {o.key for o in objs}
-    row_keys = {archives.loose_key(name) for name in names}  # an archive's own row, '#' escaped
-    keys = table.column("input_key")
-    table = table.filter(pc.or_(pc.match_substring(keys, "#"),
-                                pc.is_in(keys, value_set=pa.array(sorted(row_keys), pa.string()))))
-    rows = {}
-    for row in table.to_pylist():
-        split = archives.split_member_key(row["input_key"])
-        if row["input_key"] in row_keys or (split and split[0] in names):
-            rows[row["input_key"]] = row
-    return rows
 
 
 class ProcessImages:
@@ -508,9 +569,10 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
         def sink(table: pa.Table) -> None:  # the dry run logs each block as it is planned and keeps nothing
             for key, out in zip(table.column("input_key").to_pylist(), table.column("output_key").to_pylist()):
                 log(f"  would process {key} -> {out}")
-    else:
-        sink = ray.put  # blocks go to the object store as they are planned: the driver keeps only their refs
-    work = plan(cfg, digest, sink, log)
+        unit_sink = None
+    else:  # blocks and archive units go to the object store as they are planned: the driver keeps their refs
+        sink = unit_sink = ray.put
+    work = plan(cfg, digest, sink, log, unit_sink)
     units = work.units
     log(f"[genray] {work.num_todo + work.num_skipped + len(work.refused)} inputs under {cfg.input_uri}: "
         f"{work.num_todo} to process, {work.num_skipped} already done with model {digest[:19]}, "
@@ -518,8 +580,9 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
         + (f"; {len(units)} archives to read (their members are counted as they stream)" if units else ""))
     summary.counts.update(skipped=work.num_skipped, error=work.num_died)
     if cfg.dry_run:
-        for unit in units:
-            log(f"  would read archive {unit['key']} ({unit['size']:,} bytes, {len(unit['done'])} members done)")
+        for table in units:
+            unit = json.loads(table.column("unit")[0].as_py())
+            log(f"  would read archive {unit['key']} ({unit['size']:,} bytes, {unit['num_done']} members done)")
         return summary
 
     try:  # a missing output bucket is the user's to create: fail before any work, naming it
@@ -605,9 +668,12 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
                 f"--concurrency{' or --gpus-per-actor' if name == 'GPU' else ''} otherwise)")
     if work.units:
         # One read task per archive (and per group of loose images), each streaming its rows out in small blocks.
-        todo = [row for ref in work.todo for row in ray.get(ref).to_pylist()]
-        units = work.units + read_stage.file_units(todo)
-        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+        # The driver holds refs only: an archive's unit table is its own block (one read task each), and the
+        # loose images' blocks become units of read_stage.FILES_PER_UNIT images in Ray tasks.
+        ds = ray.data.from_arrow_refs(work.units)
+        if work.todo:
+            ds = ds.union(ray.data.from_arrow_refs(work.todo).map_batches(
+                read_stage.file_units, batch_size=read_stage.FILES_PER_UNIT, batch_format="pyarrow"))
         # Read tasks keep Ray Data's max_retries=-1 (a lost node must not fail the job, as for the model actors
         # below): the tracker bounds what one archive or loose file can cost (read_stage._tracked_archive).
         ds = ds.map_batches(read_stage.read_units, batch_size=1,

@@ -137,6 +137,32 @@ def died_before(prev: dict[str, Any] | None, etag: str, digest: str) -> bool:
         and prev["input_etag"] == etag and prev["model_digest"] == digest
 
 
+# The same tests over Arrow columns (planning diffs whole pages and archives at once, never a dict per row). `etag`:
+# a scalar or an array aligned with `rows`; nulls count as "no".
+
+def current_mask(rows: pa.Table, etag, digest: str, tar: bool | None = None) -> pa.ChunkedArray:
+    """is_done short of the output key: ok (or skipped) with this input ETag and model digest; with `tar` given,
+    also its output inside a shard if and only if tar (how an archive's members are checked)."""
+    status = rows.column("status").cast(pa.string())
+    mask = pc.and_kleene(pc.is_in(status, value_set=pa.array(["ok", "skipped"])),
+                         pc.equal(rows.column("input_etag"), etag))
+    mask = pc.and_kleene(mask, pc.equal(rows.column("model_digest").cast(pa.string()), pa.scalar(digest)))
+    if tar is not None:
+        shard = pc.fill_null(pc.match_substring_regex(rows.column("output_key"), "^" + SHARD_RE.pattern), False)
+        mask = pc.and_kleene(mask, pc.equal(shard, pa.scalar(tar)))
+    return pc.fill_null(mask, False)
+
+
+def died_mask(rows: pa.Table, etag, digest: str) -> pa.ChunkedArray:
+    """died_before over Arrow columns."""
+    error = rows.column("error").cast(pa.string())
+    mask = pc.and_kleene(pc.equal(rows.column("status").cast(pa.string()), pa.scalar("error")),
+                         pc.or_kleene(*[pc.starts_with(error, prefix) for prefix in DIED]))
+    mask = pc.and_kleene(mask, pc.equal(rows.column("input_etag"), etag))
+    return pc.fill_null(pc.and_kleene(mask, pc.equal(rows.column("model_digest").cast(pa.string()),
+                                                     pa.scalar(digest))), False)
+
+
 def new_run_id() -> str:
     # Sorts by time, so "newest row wins" is a sort on file names.
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from genray import archives, storage
@@ -145,44 +146,85 @@ def error_row(input_key: str, etag: str | None, digest: str, error: str | None, 
     return row if num_rows is None else {**row, "num_rows": num_rows}
 
 
-def plan_archives(objects: list[storage.ObjectInfo], done: dict[str, dict[str, Any]], digest: str,
-                  output_uri: str, tar: bool, retry_errors: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
-                                                       list[dict[str, Any]]]:
-    """(read units, skipped rows of archives done in full, error rows of archives refused before any work)."""
-    by_archive: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, row in done.items():
-        split = archives.split_member_key(key)
-        if split:
-            by_archive.setdefault(split[0], {})[key] = row
-    units, skipped, refused = [], [], []
+# One read unit per row: its JSON (kind 'archive' or 'files') and, for an archive, the manifest rows of its members
+# done before as Arrow IPC bytes. The driver builds an archive's unit table and puts it in the object store, so it
+# holds one ObjectRef per archive, never the members' rows.
+UNIT_SCHEMA = pa.schema([("unit", pa.string()), ("done", pa.binary())])
+
+
+@dataclass
+class ArchivePlan:
+    """What plan_archives found, counted: only the archives to read travel on, as unit tables."""
+
+    units: list[Any] = field(default_factory=list)  # one-row UNIT_SCHEMA tables, as `sink` returned them
+    num_skipped: int = 0  # members done before, of archives skipped whole
+    num_died: int = 0  # members (and archives) recorded as "worker died while ...", of archives skipped whole
+    num_archives_done: int = 0  # archives read in full before, skipped whole
+    refused: list[dict[str, Any]] = field(default_factory=list)  # error rows of archives refused before any work
+
+
+def plan_archives(objects: list[storage.ObjectInfo], done: pa.Table, digest: str, output_uri: str, tar: bool,
+                  retry_errors: bool = False, sink=None) -> ArchivePlan:
+    """The archives to read, and the counts of those skipped whole. `done`: the manifest's rows (all columns, sorted
+    by input_key, as manifest.read_latest gives them); an archive's members are one contiguous slice of it.
+    `sink(table)` takes each archive's unit table as it is made (e.g. ray.put; default: keep the table)."""
+    keys = done.column("input_key").combine_chunks()
+    out = ArchivePlan()
     for obj in objects:
+        own_key = archives.loose_key(obj.key)
         try:  # members are written under <output>/<archive key>/...: the archive's key must stay inside
             storage.join_uri(output_uri, obj.key, "member")
         except storage.UnsafeKeyError as err:
-            refused.append(error_row(archives.loose_key(obj.key), obj.etag, digest, str(err), num_rows=0))
+            out.refused.append(error_row(own_key, obj.etag, digest, str(err), num_rows=0))
             continue
-        members = by_archive.get(obj.key, {})
-        usable = {k: r for k, r in members.items() if (r["status"] in ("ok", "skipped")
-                  and r["input_etag"] == obj.etag and r["model_digest"] == digest
-                  and (manifest.SHARD_RE.match(r["output_key"] or "") is not None) == tar)
-                  or (not retry_errors and manifest.died_before(r, obj.etag, digest))}
-        prev = done.get(archives.loose_key(obj.key))
+        # Member keys are '<own key>#<member>' and the own key holds no '#': they all lie in ['<own>#', '<own>$').
+        lo = manifest.find_sorted(keys, own_key + "#")
+        members = done.slice(lo, manifest.find_sorted(keys, own_key + "$") - lo)
+        usable = members.filter(manifest.current_mask(members, obj.etag, digest, tar=tar) if retry_errors else
+                                pc.or_(manifest.current_mask(members, obj.etag, digest, tar=tar),
+                                       manifest.died_mask(members, obj.etag, digest)))
+        at = manifest.find_sorted(keys, own_key)
+        prev = done.slice(at, 1).to_pylist()[0] if at < len(keys) and keys[at].as_py() == own_key else None
         died = not retry_errors and manifest.died_before(prev, obj.etag, digest)
         if died or (prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag
-                    and prev["model_digest"] == digest and len(usable) == len(members)):
+                    and prev["model_digest"] == digest and usable.num_rows == members.num_rows):
             # Read to the end before and every member is done, or its read workers died: nothing to read.
-            skipped += [{**r, "seconds": 0.0} if r["status"] == "error" else
-                        {**r, "status": "skipped", "error": None, "seconds": 0.0} for r in usable.values()]
-            skipped.append({**prev, "status": prev["status"] if died else "skipped", "num_rows": len(usable)})
+            errors = pc.sum(pc.equal(usable.column("status").cast(pa.string()), "error")).as_py() or 0
+            out.num_skipped += usable.num_rows - errors
+            out.num_died += errors + died
+            out.num_archives_done += not died
         else:
-            units.append({"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
-                          "done": usable})
-    return units, skipped, refused
+            unit = {"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
+                    "num_done": usable.num_rows}
+            table = pa.table([[json.dumps(unit)], [encode_done(usable)]], schema=UNIT_SCHEMA)
+            out.units.append(sink(table) if sink else table)
+    return out
 
 
-def file_units(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Loose images to process, in groups, for a job whose read stage also streams archives."""
-    return [{"kind": "files", "rows": rows[i:i + FILES_PER_UNIT]} for i in range(0, len(rows), FILES_PER_UNIT)]
+def encode_done(rows: pa.Table) -> bytes | None:
+    """An archive's done member rows -> Arrow IPC bytes (None: none)."""
+    if not rows.num_rows:
+        return None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_done(data: bytes | None) -> dict[str, dict[str, Any]]:
+    """encode_done's bytes -> input_key -> row, in the read task (one archive's members, not the job's)."""
+    if not data:
+        return {}
+    return {row["input_key"]: row for row in pa.ipc.open_stream(data).read_all().to_pylist()}
+
+
+def file_units(todo: pa.Table) -> pa.Table:
+    """Ray Data map_batches (pyarrow): loose images to process (TODO_SCHEMA rows) -> read units of up to
+    FILES_PER_UNIT images, for a job whose read stage also streams archives. Runs in a Ray task, not the driver."""
+    rows = todo.to_pylist()
+    units = [json.dumps({"kind": "files", "rows": rows[i:i + FILES_PER_UNIT]})
+             for i in range(0, len(rows), FILES_PER_UNIT)]
+    return pa.table([units, [None] * len(units)], schema=UNIT_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------- read stage (tasks)
@@ -200,8 +242,10 @@ def read_units(batch: dict[str, np.ndarray], digest: str, tar: bool, max_member_
     def read_unit(unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
         return (read or unit_rows)(unit, digest, tar, max_member_bytes)
 
-    for text in batch["unit"]:
+    for text, done in zip(batch["unit"], batch["done"]):
         unit = json.loads(text)
+        if unit["kind"] == "archive":
+            unit["done"] = decode_done(done)
         if tracker is None:
             yield from _blocks(read_unit(unit), rows_per_block)
         elif unit["kind"] == "files":
