@@ -71,6 +71,10 @@ def test_every_input_gets_its_own_output_through_the_cli(ray_local, sr_model_uri
         "we#ird.tar": ["m.png"],  # '#' in an archive's name
         "dup.tar": ["d.png", "d.png", "d.png"],  # a name repeated (tar append): one row each
     }
+    # Keys storage.join_uri would collapse into one (it drops '' and '.' segments): three S3 objects, three outputs.
+    bucket, prefix = s3_bucket.removeprefix("s3://").split("/", 1)[0], inputs.split("/", 3)[3]
+    for key in ("sp/./c.png", "sp//c.png", "sp/c.png"):
+        storage.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=image(key))
     for archive, members in archives_in.items():
         entries = [(m, image(f"{archive}#{m}#{i}")) for i, m in enumerate(members)]
         storage.write_bytes(f"{inputs}/{archive}", tar_bytes(entries))
@@ -92,6 +96,7 @@ def test_every_input_gets_its_own_output_through_the_cli(ray_local, sr_model_uri
             "dup.tar#d.png#3"} <= keys
     by_input = {row["input_key"]: row["output_key"] for row in ok}
     assert by_input["pack.tar#m.png"] == "pack.tar/m.png" and by_input["pack.tar/m.png"] == "pack.tar~/m.png"
+    assert [by_input[k] for k in ("sp/./c.png", "sp//c.png", "sp/c.png")] == ["sp/.~/c.png", "sp/~/c.png", "sp/c.png"]
 
     # A rerun skips all of them (their keys are stable), and the archive rows say read in full.
     r = genray("process", "superres", "--input", inputs, "--output", out, "--model", sr_model_uri,

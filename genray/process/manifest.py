@@ -55,15 +55,23 @@ DIED = (WORKER_DIED, WORKER_DIED_READING)
 FOLDER_MARK = "~"
 
 
+# Segments that storage.join_uri drops ('' from '//' or a leading '/', '.') or refuses ('..'): an output key keeps
+# them as '~', '.~', '..~', so 'a/./b.png', 'a//b.png' and 'a/b.png' (three S3 objects) get three outputs.
+_VANISHING = ("", ".", "..")
+
+
 def _mark_folder(segment: str) -> str:
-    return segment + FOLDER_MARK if segment.lower().endswith(ARCHIVE_SUFFIXES + (FOLDER_MARK,)) else segment
+    marked = segment in _VANISHING or segment.lower().endswith(ARCHIVE_SUFFIXES + (FOLDER_MARK,))
+    return segment + FOLDER_MARK if marked else segment
 
 
 def _folders(key: str) -> str:
-    """'x/a.tar/b.png' -> 'x/a.tar~/b.png': every folder segment marked as _mark_folder says (injective)."""
-    if "/" not in key:
+    """'x/a.tar/b.png' -> 'x/a.tar~/b.png': every folder segment marked as _mark_folder says, and a name that
+    would vanish from a path ('', '.', '..') marked the same way (injective: a real 'b~' becomes 'b~~')."""
+    if "/" not in key and key not in _VANISHING:
         return key
     *folders, name = key.split("/")
+    name = name + FOLDER_MARK if name in _VANISHING else name
     return "/".join([_mark_folder(f) for f in folders] + [name])
 
 
