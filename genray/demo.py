@@ -31,7 +31,9 @@ def make_noisy_inputs(clean_uri: str, noisy_uri: str, count: int, seed: int = 0)
     """Noisy copies of held-out digits (the bulk job's input) plus one corrupt file; returns (key, clean) pairs."""
     from genray.datasets import read_image_prefix
 
-    images, keys = read_image_prefix(clean_uri, channels=1, limit=count)
+    images, keys = read_image_prefix(clean_uri, channels=1)  # 360 held-out digits: small
+    step = max(1, len(images) // count)  # every step-th: all ten classes, not the first key's class only
+    images, keys = images[::step][:count], keys[::step][:count]
     rng = np.random.default_rng(seed)
     pairs = []
     for image, key in zip(images, keys):

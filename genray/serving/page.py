@@ -9,7 +9,7 @@ from __future__ import annotations
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>genray</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <style>
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #1d2330; }
 h1 { margin-bottom: .2em; } .muted { color: #5a6475; } form { display: flex; gap: 1em; flex-wrap: wrap;
