@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import requests
 
-from genray import storage
+from genray import __version__ as genray_version, storage
 from genray.model_artifact import read_meta
-from genray.images import decode_image, encode_png
+from genray.images import decode_image, encode_png, read_metadata
 
 from helpers import GENRAY, free_port, genray, read_manifest_table
 
@@ -126,6 +126,10 @@ def test_train_then_process_through_the_cli(ray_local, digits_uri, s3_bucket, tm
     assert "ok             3" in r.stdout and "error          1" in r.stdout
     assert {o.key for o in storage.list_objects(f"{s3_bucket}/out") if not o.key.startswith("_")} == \
         {"0.png", "1.png", "2.png"}
+    # Each output says which model made it (PNG text chunks), as Serve's answers do.
+    assert read_metadata(storage.read_bytes(f"{s3_bucket}/out/0.png")) == {
+        "genray:model": f"{out}/model", "genray:model-family": "denoise_ae",
+        "genray:model-digest": read_meta(f"{out}/model")["digest"], "genray:version": genray_version}
     r = genray(*args, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     rerun = json.loads(r.stdout)

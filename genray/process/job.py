@@ -27,13 +27,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from genray import archives, storage
 from genray.datasets import IMAGE_SUFFIXES
-from genray.model_artifact import ArtifactError, read_meta
+from genray.model_artifact import ArtifactError, provenance, read_meta
 from genray.process import read_stage
 from genray.process import manifest
 from genray.process.attempts import AttemptTracker
 from genray.process.lease import Lease, LeaseError
 from genray.config import ProcessConfig
-from genray.images import ImageError, decode_image, encode_png
+from genray.images import ImageError, decode_image, encode_image
 from genray.runtime import ray_error_line
 
 FLUSH_ROWS = 500  # manifest part size ...
@@ -407,6 +407,10 @@ class ProcessImages:
         if self.predictor.digest != digest:  # the artefact (or style image) was replaced after the job was planned
             raise JobError(f"{self.cfg.model_uri or self.cfg.style_image_uri}: changed while the job was starting")
         self.digest = digest
+        # Every output PNG says which model made it (text chunks; genray.images.read_metadata reads them back).
+        family = self.predictor.spec.name if hasattr(self.predictor, "spec") else "gatys"
+        self.provenance = provenance(self.cfg.model_uri or self.cfg.style_image_uri,
+                                     {"family": family, "digest": digest})
         self.scale = self.predictor.scale  # output pixels per input pixel along each side
         self.max_input_bytes = self.cfg.max_input_bytes or read_stage.max_member_bytes(self.cfg.max_pixels)
         self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
@@ -481,7 +485,7 @@ class ProcessImages:
         if isinstance(out, Exception):
             return self._row(row, "error", f"model failed: {out}", w, h)
         try:
-            png = encode_png(out)
+            png = encode_image(out, "png", metadata=self.provenance)
             if self.cfg.output_format == "tar":  # the driver writes it into a shard
                 return {**self._row(row, "ok", None, w, h), "data": png, "sidecars": row.get("sidecars")}
             root = self.cfg.output_uri  # locally: no symlink under the output prefix leads a write outside it
