@@ -43,8 +43,8 @@ class DataConfig(Strict):
     materialize: Literal["auto", "always", "never"] = "auto"
     materialize_max_bytes: int = Field(default=64 << 20, ge=0)
     # Shuffling: the order of files/shards is new every epoch; then decoded images pass a local shuffle buffer of
-    # shuffle_rows images (memory: that many decoded images per worker), and prepared items (crops) one of
-    # shuffle_items items.
+    # shuffle_rows images (memory: up to twice that many decoded images per worker, with the rows read ahead), and
+    # prepared items (crops) one of shuffle_items items.
     shuffle_rows: int = Field(default=64, ge=1)
     shuffle_items: int = Field(default=1024, ge=1)
     files_per_read_task: int = Field(default=16, gt=0)  # loose images per Ray Data read task (archives: one each)

@@ -115,6 +115,10 @@ def test_trains_from_a_brace_pattern_of_shards_with_sidecar_labels(ray_local, s3
     with pytest.raises(TrainingError, match=r"d0000\.png"):
         run_training(tiny("configs/tiny/sae_classifier.yaml", pattern, f"{s3_bucket}/strict", "name=strict",
                           "data.on_error=fail", "data.materialize=always", "train.epochs=1"))
+    # Streamed: the read fails in the worker's row fetcher thread, and the loop raises it.
+    with pytest.raises(TrainingError, match=r"d0000\.png"):
+        run_training(tiny("configs/tiny/sae_classifier.yaml", pattern, f"{s3_bucket}/strict2", "name=strict2",
+                          "data.on_error=fail", "data.materialize=never", "train.epochs=1"))
 
 
 def test_bf16_autocast_on_cpu_is_recorded_in_the_artefact(ray_local, digits_uri, s3_bucket):

@@ -3,13 +3,15 @@ tasks (genray.datasets.read_units, which imports no torch: a fresh read worker s
 streamed to the Ray Train workers (`get_dataset_shard`), so no worker ever holds the dataset.
 
 Driver side: `build_dataset` (units -> shuffled blocks of decoded rows) and `fixed_rows` (the sample grid's images).
-Worker side: `training_batches` turns the worker's shard into the family's collated batches (per-image preparation
-such as random crops runs here, seeded by (seed, epoch, image key)).
+Worker side: `TrainingStream` turns the worker's shard into the family's collated batches, reading the next epoch's
+rows while this one trains (per-image preparation such as random crops runs here, seeded by (seed, epoch, key)).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -75,47 +77,99 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def training_batches(shard, spec, cfg: TrainConfig, epoch: int, rank: int,
-                     errors: list[str]) -> Iterator[Any]:
-    """One epoch of this worker's shard as collated training batches of train.batch_size items.
+class TrainingStream:
+    """This worker's shard over the run's epochs, as collated training batches of train.batch_size items.
+
+    A fetcher thread reads the shard's row blocks, epoch after epoch, into a small queue. Ray Data starts an
+    epoch's execution only once every worker has asked for it, and that start (plus, unmaterialised, the first
+    reads) took 1-1.5 s per epoch on 2 cores during which no step ran: asking as soon as this worker has read its
+    rows of the current epoch hides it behind the steps still to train on the items buffered below.
 
     Rows pass Ray Data's local shuffle buffer (data.shuffle_rows images), each image becomes the family's items
-    (prepare_items), and items pass a shuffle buffer of data.shuffle_items, so crops of one photo spread over many
-    batches. Skipped files are appended to `errors` ('key: reason') and logged. The last batch may be short."""
-    from torch.utils.data import default_collate
+    (prepare_items, here: it costs a few ms per epoch, far less than shipping float crops through the object
+    store), and items pass a shuffle buffer of up to data.shuffle_items, so crops of one photo spread over many
+    batches. Memory per worker: the two buffers plus at most another shuffle_rows images queued ahead."""
 
-    rng = np.random.default_rng((cfg.train.seed, epoch, rank))
-    pool: list[Any] = []
-    batch: list[Any] = []
-    rows = shard.iter_batches(batch_size=min(cfg.data.shuffle_rows, 16), batch_format="numpy",
-                              local_shuffle_buffer_size=cfg.data.shuffle_rows,
-                              local_shuffle_seed=int(rng.integers(2 ** 31)), prefetch_batches=1)
+    def __init__(self, shard, cfg: TrainConfig, rank: int, epochs: range):
+        self.cfg, self.rank = cfg, rank
+        self.block_rows = min(cfg.data.shuffle_rows, 16)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(2, cfg.data.shuffle_rows // self.block_rows))
+        self._owner = threading.current_thread()  # the train loop: when it has gone, nobody reads the queue
+        threading.Thread(target=self._fetch, args=(shard, epochs), daemon=True, name="genray-rows").start()
 
-    def emit(item: Any) -> Iterator[Any]:
-        batch.append(item)
-        if len(batch) == cfg.train.batch_size:
-            yield default_collate(batch)
-            batch.clear()
+    def _fetch(self, shard, epochs: range) -> None:
+        try:
+            for epoch in epochs:
+                seed = int(np.random.default_rng((self.cfg.train.seed, epoch, self.rank)).integers(2 ** 31))
+                for block in shard.iter_batches(batch_size=self.block_rows, batch_format="numpy",
+                                                local_shuffle_buffer_size=self.cfg.data.shuffle_rows,
+                                                local_shuffle_seed=seed, prefetch_batches=1):
+                    if not self._put((epoch, block)):
+                        return
+                if not self._put((epoch, None)):  # the epoch's end
+                    return
+        except BaseException as err:  # e.g. a read that failed with data.on_error=fail: raised in the loop
+            self._put((None, err))
 
-    for block in rows:
-        for i, key in enumerate(block["key"]):
-            if block["error"][i] is not None:
-                errors.append(f"{key}: {block['error'][i]}")
-                print(f"[genray] data: skipping {key}: {block['error'][i]}", flush=True)
+    def _put(self, entry: tuple) -> bool:
+        while self._owner.is_alive():
+            try:
+                self._queue.put(entry, timeout=1.0)
+                return True
+            except queue.Full:
                 continue
-            image = decode_row({k: block[k][i] for k in ("image", "height", "width", "channels")})
-            label = int(block["label"][i])
-            for item in prepare_items(spec, image, None if label < 0 else label, cfg.model,
-                                      sample_seed(cfg.train.seed, epoch, str(key))):
-                if len(pool) < cfg.data.shuffle_items:
-                    pool.append(item)
-                    continue
-                j = int(rng.integers(len(pool)))  # a full buffer: a random item leaves, the new one takes its place
-                pool[j], item = item, pool[j]
-                yield from emit(item)
-    rng.shuffle(pool)
-    for item in pool:
-        yield from emit(item)
-    if batch:
-        yield default_collate(batch)
+        return False
 
+    def rows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The row blocks of `epoch` (epochs are read in order: the loop takes each one to its end)."""
+        while True:
+            got, block = self._queue.get()
+            if got is None:
+                raise block
+            if got != epoch:
+                raise RuntimeError(f"training data: expected rows of epoch {epoch}, the shard gave epoch {got}")
+            if block is None:
+                return
+            yield block
+
+    def batches(self, spec, epoch: int, errors: list[str]) -> Iterator[Any]:
+        """One epoch as collated batches (the last may be short). Skipped files are appended to `errors`
+        ('key: reason') and logged."""
+        from torch.utils.data import default_collate
+
+        cfg = self.cfg
+        rng = np.random.default_rng((cfg.train.seed, epoch, self.rank, 1))
+        pool: list[Any] = []
+        batch: list[Any] = []
+        # The item buffer starts emitting at an eighth of its size and grows to full size (two items in per item
+        # out), as WebDataset's shuffle does: a small epoch would otherwise be read whole before its first step.
+        cap = min(cfg.data.shuffle_items, max(cfg.train.batch_size, cfg.data.shuffle_items // 8))
+
+        def emit(item: Any) -> Iterator[Any]:
+            batch.append(item)
+            if len(batch) == cfg.train.batch_size:
+                yield default_collate(batch)
+                batch.clear()
+
+        for block in self.rows(epoch):
+            for i, key in enumerate(block["key"]):
+                if block["error"][i] is not None:
+                    errors.append(f"{key}: {block['error'][i]}")
+                    print(f"[genray] data: skipping {key}: {block['error'][i]}", flush=True)
+                    continue
+                image = decode_row({k: block[k][i] for k in ("image", "height", "width", "channels")})
+                label = int(block["label"][i])
+                for item in prepare_items(spec, image, None if label < 0 else label, cfg.model,
+                                          sample_seed(cfg.train.seed, epoch, str(key))):
+                    if len(pool) < cap:
+                        pool.append(item)
+                        continue
+                    j = int(rng.integers(len(pool)))  # a full buffer: a random item leaves, the new one stays
+                    pool[j], item = item, pool[j]
+                    cap = min(cap + 1, cfg.data.shuffle_items)
+                    yield from emit(item)
+        rng.shuffle(pool)
+        for item in pool:
+            yield from emit(item)
+        if batch:
+            yield default_collate(batch)

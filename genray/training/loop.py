@@ -21,7 +21,7 @@ from genray.models import get_spec
 from genray.models.data import fixed_batch, prepare_items
 from genray.models.layers import unwrap
 from genray.training import outputs, tracking
-from genray.training.data import MAX_ERROR_KEYS, sample_seed, training_batches
+from genray.training.data import MAX_ERROR_KEYS, TrainingStream, sample_seed
 
 CHECKPOINT_FILE = "state.pt"
 FIXED_ROWS_KEY = "fixed_rows"  # train_loop_config entry beside the config: the sample grid's images (driver-read)
@@ -175,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history, state.step = saved["epoch"], saved["history"], saved["step"]
         if rank == 0:
             print(f"[genray] resuming {cfg.name} after epoch {start_epoch}")
+    stream = TrainingStream(shard, cfg, rank, range(start_epoch + 1, cfg.train.epochs + 1))  # reads ahead from here
     # Each module is wrapped in DDP on its own, so a GAN's D and G updates stay separate. Modules with nothing to
     # train (an EMA copy, a frozen VGG) only move to the device: DDP refuses them.
     state.modules = {
@@ -210,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         num_steps, num_items, errors = 0, 0, []
-        batches = training_batches(shard, spec, cfg, epoch, rank, errors)
+        batches = stream.batches(spec, epoch, errors)
         while all_workers_have((batch := next(batches, None)) is not None, device):
             batch = to_device(batch, device)
             with autocast(cfg.train.precision, device, scaler):
