@@ -17,7 +17,7 @@ from PIL import Image
 from genray import storage
 from genray.model_artifact import ArtifactError, load_artifact
 from genray.images import center_crop, resize
-from genray.metrics import psnr, rgb_to_y, ssim
+from genray.metrics import psnr, rgb_to_y, ssim, ssim_fits
 from genray.tasks import EVAL_TASKS
 
 EVAL_MAX_SIDE = 256  # photos are centre-cropped to at most this per side: a CPU evaluates two photos in seconds
@@ -77,19 +77,26 @@ SSIM_NOTE = "SSIM with an 11x11 Gaussian window, sigma 1.5, as papers and BasicS
 
 def image_scores(clean: np.ndarray, result: np.ndarray, border: int = 0) -> dict[str, float]:
     """PSNR and SSIM of uint8 HWC images (data range 255) after leaving out `border` pixels at each edge; for RGB
-    also on the luma channel Y (BT.601), which super-resolution papers report."""
+    also on the luma channel Y (BT.601), which super-resolution papers report. SSIM only where the image holds its
+    11x11 window."""
     if border:
         clean, result = clean[border:-border, border:-border], result[border:-border, border:-border]
-    scores = {"psnr_db": psnr(clean, result, 255), "ssim": ssim(clean, result, 255, channel_axis=-1)}
+    fits = ssim_fits(clean)
+    scores = {"psnr_db": psnr(clean, result, 255)}
+    if fits:
+        scores["ssim"] = ssim(clean, result, 255, channel_axis=-1)
     if clean.shape[2] == 3:
         y_clean, y_result = rgb_to_y(clean), rgb_to_y(result)
         scores["psnr_y_db"] = psnr(y_clean, y_result, 255)
-        scores["ssim_y"] = ssim(y_clean, y_result, 255)
+        if fits:
+            scores["ssim_y"] = ssim(y_clean, y_result, 255)
     return scores
 
 
 def mean_scores(per_image: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([s[k] for s in per_image])) for k in per_image[0]}
+    """Each score's mean over the images that have it (SSIM: those large enough for its window)."""
+    names = dict.fromkeys(k for s in per_image for k in s)
+    return {k: float(np.mean([s[k] for s in per_image if k in s])) for k in names}
 
 
 def _predictor(spec, cfg, model, meta):

@@ -38,6 +38,13 @@ def mean_psnr(references: np.ndarray, tests: np.ndarray, data_range: float) -> f
 # window, sigma 1.5, population covariance); "uniform7" is scikit-image's default (7x7 mean, sample covariance),
 # kept for comparison with numbers measured that way. genray reports "gaussian" unless a name says otherwise.
 SSIM_WINDOWS = ("gaussian", "uniform7")
+_SSIM_WINDOW_SIDE = {"gaussian": 11, "uniform7": 7}
+
+
+def ssim_fits(image: np.ndarray, window: str = "gaussian") -> bool:
+    """Whether an HW or HWC image holds one SSIM window: callers scoring small images (a tiny config's crops)
+    leave SSIM out for them rather than report a number no paper would compare with."""
+    return min(np.shape(image)[:2]) >= _SSIM_WINDOW_SIDE[window]
 
 
 def ssim(reference: np.ndarray, test: np.ndarray, data_range: float, channel_axis: int | None = None,
@@ -61,13 +68,13 @@ def ssim(reference: np.ndarray, test: np.ndarray, data_range: float, channel_axi
         reference, test = np.moveaxis(reference, channel_axis, -1), np.moveaxis(test, channel_axis, -1)
         return float(np.mean([ssim(reference[..., c], test[..., c], data_range, window=window)
                               for c in range(reference.shape[-1])]))
+    win_size = _SSIM_WINDOW_SIDE[window]
     if window == "gaussian":
-        win_size, cov_norm = 11, 1.0  # truncate 3.5 * sigma 1.5 -> radius 5
+        cov_norm = 1.0  # truncate 3.5 * sigma 1.5 -> radius 5
 
         def blur(x):
             return gaussian_filter(x, sigma=1.5, truncate=3.5)
     else:
-        win_size = 7
         num_points = win_size**reference.ndim
         cov_norm = num_points / (num_points - 1)
 

@@ -11,7 +11,7 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from genray import storage
-from genray.evaluation import evaluate_model, image_scores
+from genray.evaluation import evaluate_model, image_scores, mean_scores
 from genray.images import decode_image
 from genray.metrics import rgb_to_y
 
@@ -49,6 +49,17 @@ def test_image_scores_agree_with_skimage(index, border):
         structural_similarity(clean, result, data_range=255, channel_axis=-1, **paper), abs=0.001)
     assert ours["psnr_y_db"] == pytest.approx(peak_signal_noise_ratio(y_clean, y_result, data_range=255), abs=0.01)
     assert ours["ssim_y"] == pytest.approx(structural_similarity(y_clean, y_result, data_range=255, **paper), abs=0.001)
+
+
+def test_images_smaller_than_the_ssim_window_get_psnr_only():
+    """An 8x8 crop (a tiny config's, after a 4-px border) has no 11x11 window: its SSIM is left out, not made up,
+    and the mean over a mixed set averages SSIM over the images that have it."""
+    clean, result = _rgb_pairs()[0]
+    small = image_scores(clean[:16, :16], result[:16, :16], border=4)
+    assert set(small) == {"psnr_db", "psnr_y_db"}
+    large = image_scores(clean, result)
+    mean = mean_scores([small, large])
+    assert mean["ssim"] == large["ssim"] and mean["psnr_db"] == pytest.approx((small["psnr_db"] + large["psnr_db"]) / 2)
 
 
 @pytest.fixture(scope="module")

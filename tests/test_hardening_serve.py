@@ -147,7 +147,8 @@ def test_client_timeout_header_does_not_reach_the_proxy(hard_app):
 
 
 def _processed(base: str) -> int:
-    return len(requests.get(f"{base}/models", timeout=60).json()["models"]["slow"]["recent_batch_sizes"])
+    """Images the slow model's replica has run since it started (with max_batch_size 1: its forwards)."""
+    return requests.get(f"{base}/models", timeout=60).json()["models"]["slow"]["num_images"]
 
 
 BIG_SLOW_IMAGE = encode_png(np.random.default_rng(2).integers(0, 255, (384, 384, 3), dtype=np.uint8))
@@ -172,7 +173,9 @@ def test_disconnect_disabled_header_does_not_keep_abandoned_requests_running(har
     assert requests.post(f"{hard_app}/slow", data=BIG_SLOW_IMAGE, timeout=300).status_code == 200  # warm
     one = time.monotonic() - started  # about one forward (plus HTTP): the replica runs one at a time
     before = _processed(hard_app)
-    n = 8
+    # The replica gets through ~1.5 s / one requests before the clients leave (the 1 s they are given to arrive,
+    # plus sending): n is four times that, so "cancelled" (about n/4) and "kept" (n) stay apart on a fast machine.
+    n = min(60, max(8, round(4 * 1.5 / one)))
     _fire_then_hang_up(hard_app, n, {"x-request-disconnect-disabled": "?1"})
     time.sleep(1.5 * n * one + 5)  # room for all n to run one after the other, had they been kept
     processed = _processed(hard_app) - before
@@ -206,12 +209,14 @@ def test_formats_outside_the_allowlist_are_refused(hard_app, fmt):
 # -- a timed-out forward stops ------------------------------------------------------------------------------
 
 def test_a_timed_out_forward_stops_between_tiles(serve_app, tmp_path):
-    slow = save_untrained_artifact(str(tmp_path / "slow"), "photo_denoiser", **SLOW)
-    # 768x768 in 64-px tiles, one tile per forward: hundreds of forward calls, far beyond the 1 s timeout.
+    # Wider and deeper than SLOW: a fast 2-core CI machine ran SLOW's 196 tiles of this image within the timeout.
+    slow = save_untrained_artifact(str(tmp_path / "slow"), "photo_denoiser", depth=8, width=64)
+    # 1024x1024 in 64-px tiles, one tile per forward: ~360 forward calls (~1.2 GFLOP each), far beyond the 0.5 s
+    # timeout on any CPU.
     base = serve_app({"models": {"slow": {"uri": slow, "num_cpus": 0.25, "max_batch_size": 1, "tile": 64,
                                           "tile_overlap": 8}},
-                      "gateway": {"num_cpus": 0.05}, "request_timeout_s": 1.0}, name="cancel")
-    big = encode_png(np.random.default_rng(1).integers(0, 255, (768, 768, 3), dtype=np.uint8))
+                      "gateway": {"num_cpus": 0.05}, "request_timeout_s": 0.5}, name="cancel")
+    big = encode_png(np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
     r = requests.post(f"{base}/slow", data=big, timeout=120)
     assert r.status_code == 504, r.text
     abandoned = 0

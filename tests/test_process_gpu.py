@@ -58,18 +58,21 @@ def test_config_and_flags_for_gpu_jobs():
             ProcessConfig(**base, **bad)
 
 
-def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, sr_model_uri, s3_bucket):
+def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, s3_bucket):
     """--gpus-per-actor 0.5 --concurrency 2-4 on one node with 1 logical GPU: two actors there, none on the head
     (no GPU); a second GPU node added mid-job gets the pool's other two. The manifest's node_id shows both."""
     # Enough work that the job is still running when the added node and its actors are up (joining and starting
-    # actors that import torch has taken 1-3 min on this loaded 2-core host; 600 inputs were sometimes too few).
+    # actors that import torch takes ~40 s on an idle 2-core host, minutes on a loaded one). The tiny SRResNet's
+    # forward (16 ms) is a quarter of an image's cost, so 1500 inputs took only 45 s on CI and the job ended first:
+    # a wider, deeper one (64 features, 4 blocks: ~150 ms per 64x64 image on one thread) makes it ~2.5 min.
+    model_uri = save_untrained_artifact(f"{s3_bucket}/sr-wide", "srgan", num_features=64, num_blocks=4)
     keys = [f"img{i:04d}.png" for i in range(1500)]
     rng = np.random.default_rng(0)
     for key in keys:
         storage.write_bytes(f"{s3_bucket}/gpu-in/{key}", encode_png(rng.integers(0, 256, (64, 64, 3), np.uint8)))
     client = gpu_cluster.jobs_client()
     entrypoint = (f"python jobs/process.py superres --input {s3_bucket}/gpu-in --output {s3_bucket}/gpu-out "
-                  f"--model {sr_model_uri} --batch-size 1 --gpus-per-actor 0.5 --concurrency 2-4 "
+                  f"--model {model_uri} --batch-size 1 --gpus-per-actor 0.5 --concurrency 2-4 "
                   f"--cpus-per-actor 0.25")
     job_id = client.submit_job(entrypoint=entrypoint,
                                runtime_env={"working_dir": REPO, "excludes": [".git", ".venv", "tests"]})

@@ -232,9 +232,14 @@ def test_output_keys_by_page_match_output_key_for_one_by_one():
         i += len(page)
     assert got == want
     # ... which is output_key_for over the whole listing, '.' and '..' segments included: every input has its own
-    # output, also once storage.join_uri has made it a URI (it drops '' and '.' segments and refuses '..', which
-    # is why output keys mark them: ' /./a.png' and ' /a.png' once both wrote ' /a.png').
+    # output, also once storage.join_uri has made it a URI (it drops '' and '.' segments, which is why output keys
+    # mark them: ' /./a.png' and ' /a.png' once both wrote ' /a.png'), or is refused ('..': an error row).
     taken: set[str] = set()
     assert got == [manifest.output_key_for(k, taken) for k in keys]
-    assert len({storage.join_uri("s3://b/out", out) for out in got}) == len(keys)
+    kept = [out for out in got if ".." not in out.split("/")]
+    assert 0 < len(kept) < len(keys)
+    assert len({storage.join_uri("s3://b/out", out) for out in kept}) == len(kept)
+    for out in set(got) - set(kept):
+        with pytest.raises(storage.UnsafeKeyError, match="'..'"):
+            storage.join_uri("s3://b/out", out)
     assert len(streamed.groups) <= 100  # groups the listing has left are forgotten

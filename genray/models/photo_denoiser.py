@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genray.images import center_crop, make_grid, to_float, to_uint8
-from genray.metrics import psnr, ssim
+from genray.metrics import psnr, ssim, ssim_fits
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
 
@@ -113,8 +113,9 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
         noisy8, denoised8 = (to_uint8(x.numpy(), "sigmoid")[0] for x in (noisy, denoised))
         for name, result in (("noisy", noisy8), ("denoised", denoised8)):
             scores[f"psnr_{name}_db"].append(psnr(clean8, result, 255))
-            scores[f"ssim_{name}"].append(ssim(clean8, result, 255, channel_axis=-1))  # per channel, averaged
-    out = {k: float(np.mean(v)) for k, v in scores.items()}
+            if ssim_fits(clean8):  # per channel, averaged; images smaller than its window: PSNR only
+                scores[f"ssim_{name}"].append(ssim(clean8, result, 255, channel_axis=-1))
+    out = {k: float(np.mean(v)) for k, v in scores.items() if v}
     out["psnr_gain_db"] = out["psnr_denoised_db"] - out["psnr_noisy_db"]
     out["num_eval_images"] = float(len(images))
     return out

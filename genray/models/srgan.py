@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genray.images import center_crop, make_grid, resize, to_float, to_uint8
-from genray.metrics import psnr, rgb_to_y, ssim
+from genray.metrics import psnr, rgb_to_y, ssim, ssim_fits
 from genray.models.data import RandomCrops
 from genray.models.spec import ModelSpec, TrainState
 
@@ -315,8 +315,9 @@ def evaluate(model: nn.Module, images: list[np.ndarray], labels: list[int] | Non
         if hr.shape[-1] == 3:
             scores["psnr_y_sr_db"].append(psnr(rgb_to_y(hr), rgb_to_y(sr), 255))
             scores["psnr_y_bicubic_db"].append(psnr(rgb_to_y(hr), rgb_to_y(bicubic), 255))
-        scores["ssim_sr"].append(ssim(hr, sr, 255, channel_axis=-1))
-        scores["ssim_bicubic"].append(ssim(hr, bicubic, 255, channel_axis=-1))
+        if ssim_fits(hr):  # a tiny config's crops are smaller than SSIM's window: PSNR only
+            scores["ssim_sr"].append(ssim(hr, sr, 255, channel_axis=-1))
+            scores["ssim_bicubic"].append(ssim(hr, bicubic, 255, channel_axis=-1))
     result = {k: float(np.mean(v)) for k, v in scores.items() if v}
     result["psnr_gain_over_bicubic_db"] = result["psnr_sr_db"] - result["psnr_bicubic_db"]
     if "psnr_y_sr_db" in result:

@@ -55,9 +55,10 @@ DIED = (WORKER_DIED, WORKER_DIED_READING)
 FOLDER_MARK = "~"
 
 
-# Segments that storage.join_uri drops ('' from '//' or a leading '/', '.') or refuses ('..'): an output key keeps
-# them as '~', '.~', '..~', so 'a/./b.png', 'a//b.png' and 'a/b.png' (three S3 objects) get three outputs.
-_VANISHING = ("", ".", "..")
+# Segments that storage.join_uri drops ('' from '//' or a leading '/', and '.'): an output key keeps them as '~' and
+# '.~', so 'a/./b.png', 'a//b.png' and 'a/b.png' (three S3 objects) get three outputs. A '..' segment stays as it
+# is: join_uri refuses it, so an input whose key names a parent folder gets an error row, never an output.
+_VANISHING = ("", ".")
 
 
 def _mark_folder(segment: str) -> str:
@@ -67,7 +68,7 @@ def _mark_folder(segment: str) -> str:
 
 def _folders(key: str) -> str:
     """'x/a.tar/b.png' -> 'x/a.tar~/b.png': every folder segment marked as _mark_folder says, and a name that
-    would vanish from a path ('', '.', '..') marked the same way (injective: a real 'b~' becomes 'b~~')."""
+    would vanish from a path ('', '.') marked the same way (injective: a real 'b~' becomes 'b~~')."""
     if "/" not in key and key not in _VANISHING:
         return key
     *folders, name = key.split("/")

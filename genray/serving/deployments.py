@@ -36,6 +36,7 @@ class _Replica:
             method.set_max_batch_size(opts.max_batch_size)
             method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.num_images = 0  # since the replica started: recent_batch_sizes alone forgets
 
     def _fit(self, image: np.ndarray) -> np.ndarray:
         """An upload resized to the fixed input of the model (its spec's image_size) and its channels."""
@@ -55,10 +56,11 @@ class _Replica:
 
     def _record_batch(self, size: int) -> None:
         self.batch_sizes = (self.batch_sizes + [size])[-RECENT:]
+        self.num_images += size
 
     def _replica_info(self) -> dict[str, Any]:
         return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
-                "recent_batch_sizes": self.batch_sizes[-20:]}
+                "recent_batch_sizes": self.batch_sizes[-20:], "num_images": self.num_images}
 
     def info(self) -> dict[str, Any]:
         """The artefact (self.cfg.uri, self.meta) and this replica, for GET /models."""
