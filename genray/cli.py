@@ -96,7 +96,9 @@ def process_config_from_args(args: argparse.Namespace) -> Any:
 
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
     flags = {"task": args.task, "input_uri": args.input, "output_uri": args.output, "model_uri": args.model,
-             "style_image_uri": args.style_image, "tile": args.tile, "batch_size": args.batch_size,
+             "style_image_uri": args.style_image, "tile": args.tile, "tile_overlap": args.tile_overlap,
+             "batch_size": args.batch_size, "ext": args.ext, "quality": args.quality, "outscale": args.outscale,
+             "alpha": args.alpha,
              "forward_batch_size": args.forward_batch_size,
              "concurrency": args.concurrency, "max_pixels": args.max_pixels, "dry_run": args.dry_run or None,
              "gatys_iterations": args.iterations, "vgg_weights": args.vgg_weights,
@@ -118,6 +120,14 @@ def cmd_process(args: argparse.Namespace) -> int:
     from genray.runtime import init_ray
 
     cfg = process_config_from_args(args)
+    if args.preview:
+        from genray.process.preview import run_preview
+
+        with json_summary(args) as record:
+            record.update(preview_uri=run_preview(cfg, args.preview, args.preview_to, log=logs.progress))
+        if not args.json:
+            print(f"[genray] preview: {args.preview_to} (before | after; the job itself has not run)")
+        return 0
     with json_summary(args) as record:
         if not cfg.dry_run:
             init_ray(args.address)
@@ -126,6 +136,7 @@ def cmd_process(args: argparse.Namespace) -> int:
                       dry_run=cfg.dry_run, counts=dict(summary.counts), seconds=round(summary.seconds, 3),
                       images_per_s=round(summary.images_per_s, 3), manifest_uri=summary.manifest_uri or None,
                       errors=[{"input_key": key, "error": why} for key, why in summary.errors])
+    logs.end_bar()
     if not args.json:
         print(summary.table())
         if summary.manifest_uri:
@@ -237,7 +248,7 @@ def job_arguments(verb: str, args: list[str], working_dir: str) -> tuple[list[st
         cfg = process_config_from_args(ns)
         uris = {"--input": cfg.input_uri, "--output": cfg.output_uri, "--model": cfg.model_uri}
     warnings = [f"{name} {uri} is a local path: on a cluster each node has its own disk (use s3://)"
-                for name, uri in uris.items() if uri and not uri.startswith("s3://")]
+                for name, uri in uris.items() if uri and not uri.startswith(("s3://", "zoo:"))]
 
     out: list[str] = []
     for i, arg in enumerate(args):
@@ -282,7 +293,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluation = evaluate_model(args.model, args.data, task=args.task, sigma=args.sigma, num_samples=args.samples,
                                 reference_model=args.reference_model, train_data=args.train_data, limit=args.limit,
                                 inception_weights=args.inception_weights)
-    output = args.output or storage.join_uri(args.model, "eval", evaluation.task)
+    # A zoo model lives inside the installed package: its evaluation goes to the working directory instead.
+    home = f"eval-{args.model[len('zoo:'):]}" if args.model.startswith("zoo:") else storage.join_uri(args.model, "eval")
+    output = args.output or storage.join_uri(home, evaluation.task)
     json_uri, md_uri = write_evaluation(evaluation, output)
     if args.json:
         print(json.dumps(evaluation.to_dict()))
@@ -307,6 +320,16 @@ def cmd_completion(args: argparse.Namespace) -> int:
     import shtab
 
     print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from genray import zoo
+
+    if args.json:
+        print(json.dumps(zoo.index(), indent=2))
+    else:
+        print(zoo.table())
     return 0
 
 
@@ -358,13 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "archive, or a brace pattern of shards: s3://b/shards/shard-{000000..000099}.tar")
     pr.add_argument("-o", "--output", help="output prefix URI")
     pr.add_argument("--output-format", choices=("files", "tar"),
-                    help="files (default): a PNG per input; tar: WebDataset shards <output>/shard-NNNNNN.tar")
+                    help="files (default): an image per input; tar: WebDataset shards <output>/shard-NNNNNN.tar")
+    pr.add_argument("--ext", choices=("png", "jpg", "webp"),
+                    help="output image format (default png); output keys end with it: a/b.tif -> a/b.webp")
+    pr.add_argument("--quality", type=int, help="jpg/webp quality 1-100 (default 90)")
+    pr.add_argument("--outscale", type=float,
+                    help="final size over the input's, e.g. 2 with a x4 model (its x4, then a Lanczos resize)")
+    pr.add_argument("--alpha", choices=("keep", "composite"),
+                    help="keep (default): alpha goes around the model into png/webp outputs; composite: over white "
+                         "first (jpg outputs always are)")
     pr.add_argument("--shard-size", type=int, help="--output-format tar: images per shard (default 1000)")
     pr.add_argument("--shard-bytes", type=int, help="--output-format tar: also close a shard before this size")
-    pr.add_argument("--model", help="model artefact URI (genray train's <output>/model)")
+    pr.add_argument("--model", help="model artefact URI (genray train's <output>/model), or zoo:NAME for a model "
+                    "shipped with genray (`genray zoo list`)")
     pr.add_argument("--style-image", help="style jobs without a style model: Gatys optimisation towards this image")
     pr.add_argument("--config", help="configs/process/*.yaml; flags override it")
     pr.add_argument("--tile", type=int, help="images larger than this go through the model in overlapping tiles")
+    pr.add_argument("--tile-overlap", type=int, help="pixels two tiles share, blended (default 16)")
     pr.add_argument("--batch-size", type=int, help="images per model call")
     pr.add_argument("--forward-batch-size", type=int,
                     help="images (or tiles) per forward pass (default: --batch-size; on CPU 1 is often fastest)")
@@ -396,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--iterations", type=int, help="Gatys iterations per image (default 300)")
     pr.add_argument("--vgg-weights", help="Gatys: local or s3:// copy of torchvision's vgg19-dcbb9e9d.pth")
     pr.add_argument("--dry-run", action="store_true", help="list what would be processed")
+    pr.add_argument("--preview", type=int, metavar="N",
+                    help="run only the first N inputs, here (no Ray), into one before/after contact sheet "
+                         "(--preview-to); writes nothing under --output")
+    pr.add_argument("--preview-to", default="preview.png", metavar="URI",
+                    help="where --preview writes its PNG: a local path or s3:// URI (default preview.png)")
     pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     pr.add_argument("--json", action="store_true",
                     help="print the summary as one JSON object on stdout (progress goes to stderr)")
@@ -418,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "inception_v3_google-0cc3c7bd.pth (needed for images other than 28x28x1 digits)")
     ev.add_argument("--train-data", help="classify/reconstruct: training images for the baselines to fit on")
     ev.add_argument("--limit", type=int, help="only the first N held-out images (by key)")
-    ev.add_argument("--output", help="where eval.json and eval.md go (default: <model>/eval/<task>/)")
+    ev.add_argument("--output", help="where eval.json and eval.md go (default: <model>/eval/<task>/; for zoo:NAME, "
+                    "./eval-NAME/<task>/)")
     ev.add_argument("--json", action="store_true", help="print everything as one JSON object instead of the table")
     ev.set_defaults(func=cmd_eval)
 
@@ -487,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
         jp.add_argument("--address", help="the head's dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
         jp.set_defaults(func=cmd_jobs)
 
+    zoo = sub.add_parser("zoo", help="the models shipped with genray (use as --model zoo:NAME)").add_subparsers(
+        dest="zoo_verb", required=True)
+    zl = zoo.add_parser("list", help="name, task, size and held-out metric of each shipped model")
+    zl.add_argument("--json", action="store_true", help="the whole index (configs, digests, every metric) as JSON")
+    zl.set_defaults(func=cmd_zoo_list)
+
     de = sub.add_parser("demo", help="train -> bulk job over a local S3 server -> serve -> HTTP request")
     de.add_argument("--workdir", default="genray-demo-output", help="local copy of what the demo made")
     de.add_argument("--epochs", type=int, default=20)
@@ -511,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as err:
+        logs.end_bar()
         print(f"genray: error: {err}", file=sys.stderr)
         return 2
 

@@ -252,8 +252,17 @@ class ProcessConfig(Strict):
     retry_errors: bool = False  # reruns redo "worker died" rows too (other error rows are always redone)
     lease_seconds: float = Field(default=600.0, gt=0)  # a dead run's lease on the output prefix expires after this
     dry_run: bool = False
-    # files: one PNG per input under the output prefix; tar: WebDataset shards <output>/shard-NNNNNN.tar
+    # files: one image per input under the output prefix; tar: WebDataset shards <output>/shard-NNNNNN.tar
     output_format: Literal["files", "tar"] = "files"
+    # Output images: png, jpg or webp (output keys end with it: a/b.tif -> a/b.webp); quality for jpg and webp.
+    ext: Literal["png", "jpg", "webp"] = "png"
+    quality: int = Field(default=90, ge=1, le=100)
+    # The output's size over the input's, e.g. 2 with a x4 model: its x4, then a Lanczos resize (Real-ESRGAN's
+    # --outscale). None: the model's own scale.
+    outscale: float | None = Field(default=None, gt=0, le=16)
+    # keep: an input's alpha channel goes around the model (colour through it, alpha resized with Lanczos) and into
+    # the output (png, webp); composite: alpha over white before the model, as jpg outputs always are.
+    alpha: Literal["keep", "composite"] = "keep"
     shard_size: int = Field(default=1000, gt=0)  # tar output: images per shard (their sidecars ride along)
     shard_bytes: int | None = Field(default=None, gt=0)  # tar output: a shard also closes before passing this size
     # Gatys optimisation (style jobs with style_image_uri): iterations per image and the VGG19 weight lookup.
@@ -287,6 +296,14 @@ class ProcessConfig(Strict):
         if value > 1 and value != int(value):  # Ray shares a GPU by fractions, but hands out more than one whole
             raise ValueError(f"gpus_per_actor {value:g}: a fraction up to 1, or a whole number of GPUs")
         return value
+
+    @property
+    def output_suffix(self) -> str:
+        return "." + self.ext
+
+    @property
+    def keeps_alpha(self) -> bool:
+        return self.alpha == "keep" and self.ext != "jpg"  # JPEG has no alpha channel
 
     @property
     def min_actors(self) -> int:
@@ -374,7 +391,7 @@ class ModelServeConfig(DeploymentOptions):
     """One model artefact as one deployment. Its routes follow the artefact's task: image models answer
     POST /<name>, generators GET /generate/<name> (VAEs also /vae/<name>/...), classifiers POST /classify/<name>."""
 
-    uri: str  # model artefact (local or s3://), as written by `genray train`
+    uri: str  # model artefact (local or s3://) as written by `genray train`, or zoo:NAME (`genray zoo list`)
 
 
 class StylePoolConfig(DeploymentOptions):

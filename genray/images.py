@@ -99,12 +99,14 @@ def read_image_size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
-def decode_image(data: bytes, channels: int | None = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, channels: int | None = 3, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 alpha: bool = False) -> np.ndarray:
     """Decode untrusted image bytes to uint8 (H, W, C).
 
     channels=3 -> RGB, 1 -> L, None -> 1 for grayscale sources and 3 for everything else. EXIF orientation is
-    applied, GIFs give their first frame, alpha is composited over white, 16-bit is scaled to 8-bit. Every
-    failure is an ImageError (ImageTooLargeError when the header declares more than max_pixels).
+    applied, GIFs give their first frame, alpha is composited over white (with `alpha`, an image that has an alpha
+    channel keeps it instead, as one more channel last: (H, W, C + 1), colours not composited), 16-bit is scaled
+    to 8-bit. Every failure is an ImageError (ImageTooLargeError when the header declares more than max_pixels).
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
@@ -128,16 +130,24 @@ def decode_image(data: bytes, channels: int | None = 3, max_pixels: int = DEFAUL
                 im = ImageOps.exif_transpose(im) or im
         except Exception:
             pass
-        array = _to_uint8_array(im)
+        array = _to_uint8_array(im, alpha)
+    if array.shape[2] in (2, 4):  # colour + alpha: convert the colour channels, keep the alpha
+        colour = _convert_channels(array[:, :, :-1], channels)
+        return np.ascontiguousarray(np.concatenate([colour, array[:, :, -1:]], axis=2))
+    return np.ascontiguousarray(_convert_channels(array, channels))
+
+
+def _convert_channels(array: np.ndarray, channels: int | None) -> np.ndarray:
     if channels == 3 and array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     elif channels == 1 and array.shape[2] == 3:
         array = np.asarray(Image.fromarray(array, "RGB").convert("L"))[:, :, None]  # ITU-R 601 luma
-    return np.ascontiguousarray(array)
+    return array
 
 
-def _to_uint8_array(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> uint8 (H, W, 1) for grayscale sources, (H, W, 3) otherwise."""
+def _to_uint8_array(im: Image.Image, keep_alpha: bool = False) -> np.ndarray:
+    """Any Pillow mode -> uint8 (H, W, 1) for grayscale sources, (H, W, 3) otherwise; with keep_alpha, an image
+    with alpha gives (H, W, 2) or (H, W, 4) (unpremultiplied colour, then alpha)."""
     mode = im.mode
     if mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in im.info
@@ -148,6 +158,9 @@ def _to_uint8_array(im: Image.Image) -> np.ndarray:
     if mode in ("LA", "La", "RGBA", "RGBa"):
         base = "L" if mode.startswith("L") else "RGB"
         rgba = im.convert("RGBA")  # 'La'/'RGBa' (premultiplied) are unpremultiplied by this conversion
+        if keep_alpha:
+            array = np.asarray(rgba, dtype=np.uint8)
+            return np.ascontiguousarray(array[:, :, [0, 3]] if base == "L" else array)
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im, mode = Image.alpha_composite(white, rgba).convert(base), base
     if mode.startswith("I;16") or mode == "I":
@@ -204,7 +217,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = DEFAULT_QUALITY,
                  metadata: dict[str, str] | None = None) -> bytes:
-    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> PNG, JPEG or WebP bytes (`quality` for the lossy two).
+    """uint8 (H, W), (H, W, 1) or (H, W, 3), or with alpha last (H, W, 2) or (H, W, 4) -> PNG, JPEG or WebP bytes
+    (`quality` for the lossy two; JPEG has no alpha).
 
     `metadata` (e.g. provenance: {"genray:model": ..., ...}) is written as PNG text chunks, and for JPEG / WebP as
     an XMP packet (read back with read_metadata) plus EXIF Software / ImageDescription, which most viewers show."""
@@ -213,11 +227,17 @@ def encode_image(image: np.ndarray, fmt: str = "png", quality: int = DEFAULT_QUA
         raise ValueError(f"encode_image needs uint8, got {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise ValueError(f"encode_image needs (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    modes = {2: "LA", 3: "RGB", 4: "RGBA"}
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in modes)):
+        raise ValueError(f"encode_image needs (H, W) or (H, W, C) with C in 1..4, got {image.shape}")
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"format must be one of {sorted(OUTPUT_FORMATS)}, got {fmt!r}")
-    pil = Image.fromarray(np.ascontiguousarray(image), "L" if image.ndim == 2 else "RGB")
+    mode = "L" if image.ndim == 2 else modes[image.shape[2]]
+    if fmt == "jpeg" and mode in ("LA", "RGBA"):
+        raise ValueError("JPEG has no alpha channel: composite the image first (or write PNG / WebP)")
+    if fmt == "webp" and mode == "LA":  # WebP has no grey modes
+        image, mode = np.concatenate([np.repeat(image[:, :, :1], 3, axis=2), image[:, :, 1:]], axis=2), "RGBA"
+    pil = Image.fromarray(np.ascontiguousarray(image), mode)
     metadata = metadata or {}
     buffer = io.BytesIO()
     if fmt == "png":

@@ -43,7 +43,37 @@ def verbosity() -> int:
 def progress(line: str) -> None:
     """genray's progress lines (not errors, not the summary): shown unless -q."""
     if _level >= NORMAL:
+        end_bar()
         print(line, flush=True)
+
+
+_bar_open = False  # a redrawn bar is on the terminal's last line, without its newline yet
+
+
+def redraws() -> bool:
+    """Whether bar() redraws in place: stdout is a terminal (in a log file or a pipe, bars are plain lines)."""
+    return _level >= NORMAL and sys.stdout.isatty()
+
+
+def bar(line: str, final: bool = False) -> None:
+    """A progress bar's line: on a terminal, drawn over the previous one (carriage return, clear to the end of the
+    line); elsewhere printed as progress() prints. `final`: the last state, which stays."""
+    global _bar_open
+    if not redraws():
+        progress(line)
+        return
+    sys.stdout.write("\r\033[K" + line + ("\n" if final else ""))
+    sys.stdout.flush()
+    _bar_open = not final
+
+
+def end_bar() -> None:
+    """Close an open bar's line, so whatever is printed next starts on a line of its own."""
+    global _bar_open
+    if _bar_open:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        _bar_open = False
 
 
 def log_path() -> Path:
@@ -109,6 +139,7 @@ def _relay(data: dict[str, Any], ignore_prefix: bool = False) -> None:
         f.writelines(f"{prefix} {line}\n" for line in data.get("lines", []))
     for line in data.get("lines", []):
         if _level >= NORMAL and line.startswith(OWN_PREFIX):
+            end_bar()
             print(line, file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)
         elif data.get("pid") == "raylet" and "memory" in line.lower():  # a warning that matters: OOM kills
             print(f"[genray] warning from Ray: {line.strip()}", file=sys.stderr, flush=True)

@@ -66,7 +66,18 @@ def save_artifact(
     return meta
 
 
+def _resolve(uri: str) -> str:
+    """A zoo:<name> URI names a model shipped in the package (genray/zoo); any other URI is storage's."""
+    from genray import zoo
+
+    try:
+        return zoo.resolve(uri)
+    except zoo.ZooError as err:
+        raise ArtifactError(str(err)) from None
+
+
 def read_meta(uri: str) -> dict[str, Any]:
+    uri = _resolve(uri)
     try:
         raw = storage.read_bytes(storage.join_uri(uri, META_FILE))
     except storage.StorageError as err:
@@ -82,6 +93,7 @@ def read_meta(uri: str) -> dict[str, Any]:
 
 def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[ModelSpec, Any, nn.Module, dict[str, Any]]:
     """(spec, model config, model in eval mode on `device`, model.json) for the artefact at `uri`."""
+    uri = _resolve(uri)
     meta = read_meta(uri)
     try:
         spec = get_spec(meta["family"])

@@ -16,7 +16,7 @@ from genray import __version__ as genray_version, storage
 from genray.model_artifact import read_meta
 from genray.images import decode_image, encode_png, read_metadata
 
-from helpers import GENRAY, free_port, genray, read_manifest_table
+from helpers import GENRAY, REPO, free_port, genray, read_manifest_table
 
 pytestmark = pytest.mark.integration  # drives the genray CLI or jobs as subprocesses
 
@@ -220,3 +220,34 @@ def test_jobs_process_entry_point_runs_the_same_job(sr_model_uri, s3_bucket):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "would process a.png -> a.png" in r.stdout
+
+
+def test_progress_is_one_redrawn_bar_on_a_terminal(ray_local, sr_model_uri, s3_bucket):
+    """stdout a terminal (a pty here): the bulk job's progress is one bar redrawn in place (carriage return, clear
+    line), closed by a newline before the summary table; in a pipe the same job prints plain lines (other tests)."""
+    import pty
+
+    for i in range(6):
+        storage.write_bytes(f"{s3_bucket}/in/{i}.png", encode_png(np.full((8, 8, 3), 30 * i, np.uint8)))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([GENRAY, "process", "superres", "-i", f"{s3_bucket}/in", "-o", f"{s3_bucket}/out",
+                             "--model", sr_model_uri, "--batch-size", "2", "--address",
+                             ray_local.get_runtime_context().gcs_address],
+                            stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(120) == 0
+    out = b"".join(chunks).decode()
+    assert "\r\x1b[K[genray] [" in out, out
+    assert "\r\x1b[K[genray] [##############################] 6/6 ok=6 error=0" in out
+    # The final bar keeps its line; the table starts on the next one (the pty turns "\n" into "\r\n").
+    assert out.split("6/6 ok=6 error=0", 1)[1].split("\n", 1)[1].lstrip().startswith("status"), out

@@ -201,7 +201,16 @@ def test_encode_png_rejects_bad_input():
     with pytest.raises(ValueError):
         images.encode_png(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError):
-        images.encode_png(np.zeros((4, 4, 4), np.uint8))
+        images.encode_png(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="JPEG has no alpha"):
+        images.encode_image(np.zeros((4, 4, 4), np.uint8), "jpeg")
+
+
+def test_alpha_round_trips_through_png_and_webp():
+    rgba = np.random.default_rng(0).integers(0, 256, (6, 5, 4), np.uint8)
+    assert np.array_equal(images.decode_image(images.encode_png(rgba), alpha=True), rgba)
+    webp = images.decode_image(images.encode_image(rgba, "webp", quality=100), alpha=True)
+    assert webp.shape == (6, 5, 4) and np.array_equal(webp[:, :, 3], rgba[:, :, 3])  # WebP keeps alpha exactly
 
 
 @pytest.mark.parametrize("value_range,low,high", [("tanh", -1.0, 1.0), ("sigmoid", 0.0, 1.0)])

@@ -22,10 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from PIL import Image
 from ray.util.annotations import RayDeprecationWarning
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from genray import archives, storage
+from genray import archives, logs, storage
 from genray.datasets import IMAGE_SUFFIXES
 from genray.model_artifact import ArtifactError, provenance, read_meta
 from genray.process import read_stage
@@ -33,7 +34,7 @@ from genray.process import manifest
 from genray.process.attempts import AttemptTracker
 from genray.process.lease import Lease, LeaseError
 from genray.config import ProcessConfig
-from genray.images import ImageError, decode_image, encode_image
+from genray.images import ImageError, decode_image, encode_image, resize
 from genray.runtime import ray_error_line
 
 FLUSH_ROWS = 500  # manifest part size ...
@@ -133,7 +134,7 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) 
     try:
         base_uri, pages, missing = _input_pages(cfg.input_uri)
         out_rel = _nested_prefix(base_uri, cfg.output_uri)
-        out_keys = _OutputKeys()
+        out_keys = _OutputKeys(cfg.output_suffix)
         archive_objs: list[storage.ObjectInfo] = []
         block: list[pa.Table] = []
         block_rows, target = 0, BLOCK_BATCHES * cfg.batch_size
@@ -188,7 +189,7 @@ def plan(cfg: ProcessConfig, digest: str, sink=None, log=print, unit_sink=None) 
         own = pa.array(sorted({archives.loose_key(o.key) for o in archive_objs}), pa.string())
         rows = rows.filter(pc.or_(pc.match_substring(keys, "#"), pc.is_in(keys, value_set=own)))  # stays sorted
         found = read_stage.plan_archives(archive_objs, rows, digest, cfg.output_uri, tar, cfg.retry_errors,
-                                         unit_sink)
+                                         unit_sink, cfg.output_suffix)
         del rows, keys
         work.units = found.units
         work.refused += found.refused
@@ -224,7 +225,8 @@ class _OutputKeys:
     start 'a/b.'), and keys sharing a prefix are contiguous in sorted order: only the groups the listing is still
     inside keep their taken keys. An unsorted listing (not S3's or genray's) keeps every group instead."""
 
-    def __init__(self):
+    def __init__(self, suffix: str = ".png"):
+        self.suffix = suffix  # the output format's: a/b.jpg -> a/b.webp
         self.groups: dict[str, set[str]] = {}
         self.last, self.sorted, self.calls = "", True, 0
 
@@ -240,7 +242,7 @@ class _OutputKeys:
     def _take(self, key: str) -> str:
         dot = key.find(".", key.rfind("/") + 1)  # the name's first dot
         group = key[:dot + 1] if dot >= 0 else key + "."
-        return manifest.output_key_for(key, self.groups.setdefault(group, set()))
+        return manifest.output_key_for(key, self.groups.setdefault(group, set()), self.suffix)
 
     def _forget(self, key: str) -> None:
         for prefix in [p for p in self.groups if not key.startswith(p)]:
@@ -254,7 +256,7 @@ class _OutputKeys:
         take output_key_for's path. The same keys as __call__ one by one."""
         fast = pc.and_(pc.match_substring_regex(array, _FAST_KEY),
                        pc.invert(pc.match_substring_regex(array, _ARCHIVE_FOLDER))).to_pylist()
-        defaults, groups = _defaults_and_groups(array)
+        defaults, groups = _defaults_and_groups(array, self.suffix)
         # Sorted: within the page (Arrow compares UTF-8 bytes, which orders as Python compares str) and after the
         # page before.
         if self.sorted and len(keys) and (keys[0] < self.last or (len(keys) > 1 and not pc.all(pc.greater(
@@ -293,15 +295,15 @@ _LONG_SUFFIXES = [s for s in IMAGE_SUFFIXES if len(s) == 5]  # the others have 4
 assert all(len(s) in (4, 5) and s.count(".") == 1 for s in IMAGE_SUFFIXES)
 
 
-def _defaults_and_groups(array: pa.Array) -> tuple[list[str], list[str]]:
-    """For plain image keys (_FAST_KEY, ASCII): manifest._with_png_suffix ('a/b.c.jpg' -> 'a/b.c.png': the image
+def _defaults_and_groups(array: pa.Array, suffix: str) -> tuple[list[str], list[str]]:
+    """For plain image keys (_FAST_KEY, ASCII): manifest.with_suffix ('a/b.c.jpg' -> 'a/b.c.png': the image
     suffix's dot is the name's last, and a plain name does not start with '.') and _OutputKeys' group ('a/b.c.jpg'
     -> 'a/b.'), with Arrow string kernels (a regex replace costs several times more per key). Other keys get
     values the caller ignores."""
     lower = pc.ascii_lower(array)
     long = functools.reduce(pc.or_, [pc.ends_with(lower, s) for s in _LONG_SUFFIXES])
     stems = pc.if_else(long, pc.utf8_slice_codeunits(array, 0, -5), pc.utf8_slice_codeunits(array, 0, -4))
-    defaults = pc.binary_join_element_wise(stems, ".png", "")
+    defaults = pc.binary_join_element_wise(stems, suffix, "")
     # '/' + key splits from the right into [folders, name] ('' when there is no folder).
     folders_name = pc.split_pattern(pc.binary_join_element_wise("/", array, ""), "/", max_splits=1, reverse=True)
     first = pc.list_element(pc.split_pattern(pc.list_element(folders_name, 1), ".", max_splits=1), 0)
@@ -453,8 +455,8 @@ class ProcessImages:
         decoded = list(self.io.map(self._read, rows))
         results = [self._row(row, "error", got) for row, got in zip(rows, decoded) if isinstance(got, str)]
         good = [(row, got) for row, got in zip(rows, decoded) if not isinstance(got, str)]
-        with self.forward_lock:  # [2]
-            outputs = self._predict([image for _, image in good], [row["input_key"] for row, _ in good])
+        with self.forward_lock:  # [2] colour only: an alpha channel goes around the model (finish)
+            outputs = self._predict([colour(image) for _, image in good], [row["input_key"] for row, _ in good])
         # [3] encode + write under the same relative key, again concurrently (Pillow and sockets release the GIL).
         results += self.io.map(self._write, good, outputs)
         return results
@@ -470,10 +472,10 @@ class ProcessImages:
                 # Capped again while reading: the object may have grown since it was listed.
                 data = storage.read_bytes(row["input_uri"], max_bytes=self.max_input_bytes,
                                           root=self.cfg.input_uri)
-            image = decode_image(data, channels=None, max_pixels=self.cfg.max_pixels)
+            image = decode_image(data, channels=None, max_pixels=self.cfg.max_pixels, alpha=self.cfg.keeps_alpha)
         except (ImageError, storage.StorageError) as err:
             return str(err)
-        height, width = image.shape[0] * self.scale, image.shape[1] * self.scale
+        height, width = output_size(self.cfg, self.scale, image)
         if height * width > self.cfg.max_output_pixels:
             return (f"output too large: {width}x{height} = {width * height:,} pixels, limit "
                     f"{self.cfg.max_output_pixels:,} (--max-output-pixels)")
@@ -485,11 +487,13 @@ class ProcessImages:
         if isinstance(out, Exception):
             return self._row(row, "error", f"model failed: {out}", w, h)
         try:
-            png = encode_image(out, "png", metadata=self.provenance)
+            data = encode_image(finish(self.cfg, self.scale, image, out),
+                                "jpeg" if self.cfg.ext == "jpg" else self.cfg.ext, quality=self.cfg.quality,
+                                metadata=self.provenance)
             if self.cfg.output_format == "tar":  # the driver writes it into a shard
-                return {**self._row(row, "ok", None, w, h), "data": png, "sidecars": row.get("sidecars")}
+                return {**self._row(row, "ok", None, w, h), "data": data, "sidecars": row.get("sidecars")}
             root = self.cfg.output_uri  # locally: no symlink under the output prefix leads a write outside it
-            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), png, root=root)
+            storage.write_bytes(storage.join_uri(self.cfg.output_uri, row["output_key"]), data, root=root)
             for name, data in read_stage.decode_sidecars(row.get("sidecars")):  # key.json beside key.png
                 storage.write_bytes(storage.join_uri(self.cfg.output_uri, name), data, root=root)
             return self._row(row, "ok", None, w, h)
@@ -516,6 +520,29 @@ class ProcessImages:
         return {"input_key": row["input_key"], "output_key": row["output_key"] if status == "ok" else None,
                 "status": status, "error": error, "input_etag": row["input_etag"], "model_digest": self.digest,
                 "width": width, "height": height, "seconds": 0.0, "node_id": self.node_id}
+
+
+def output_size(cfg: ProcessConfig, scale: float, image: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the image a job writes for `image`: the model's `scale`, or --outscale's."""
+    scale = cfg.outscale or scale
+    return max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
+
+
+def finish(cfg: ProcessConfig, scale: float, image: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The model's output at the size --outscale asks (Lanczos, as Real-ESRGAN), with the input's alpha channel
+    (if it kept one) resized to match: transparency survives a model that only knows colour."""
+    height, width = output_size(cfg, scale, image)
+    if out.shape[:2] != (height, width):
+        out = resize(out, width, height, Image.Resampling.LANCZOS)
+    if image.shape[2] in (2, 4):
+        alpha = resize(image[:, :, -1:], width, height, Image.Resampling.LANCZOS)
+        out = np.concatenate([out, alpha], axis=2)
+    return out
+
+
+def colour(image: np.ndarray) -> np.ndarray:
+    """An image without its alpha channel (decode_image(alpha=True) puts it last: 2 or 4 channels)."""
+    return image[:, :, :-1] if image.shape[2] in (2, 4) else image
 
 
 def actor_cpus(cfg: ProcessConfig, reserved: float = 0.5) -> float:
@@ -724,8 +751,9 @@ def _overlap_args(overlap: bool) -> dict[str, Any]:
 
 
 class Progress:
-    """One line every PROGRESS_SECONDS (and at the end): done/total, ok/error, images/s and time left.
-    Plain lines rather than a redrawn bar, because bulk jobs mostly run with their output going to a log."""
+    """done/total, ok/error, images/s and time left: on a terminal (log=logs.progress, stdout a TTY) one bar redrawn
+    every second; elsewhere, as when the output goes to a job's log, a plain line every PROGRESS_SECONDS and at
+    the end."""
 
     WIDTH = 30
 
@@ -733,11 +761,15 @@ class Progress:
         """total: None when it is not known up front (archives are counted as they stream)."""
         self.total, self.log, self.counts = total, log, Counter(ok=0, error=0)
         self.started = self.last = time.monotonic()
+        self.redraw = log is logs.progress and logs.redraws()
+        self.interval = 1.0 if self.redraw else PROGRESS_SECONDS
+        if self.redraw:
+            self.log = lambda line: logs.bar(line, final=sum(self.counts.values()) == self.total)
 
     def update(self, status: str) -> None:
         self.counts[status] += 1
         done, now = sum(self.counts.values()), time.monotonic()
-        if now - self.last < PROGRESS_SECONDS and done != self.total:
+        if now - self.last < self.interval and done != self.total:
             return
         self.last = now
         rate = done / max(now - self.started, 1e-9)

@@ -76,34 +76,34 @@ def _folders(key: str) -> str:
     return "/".join([_mark_folder(f) for f in folders] + [name])
 
 
-def _candidates(key: str):
-    """a/b.jpg -> a/b.png, then a/b.jpg.png, then a/b.jpg~2.png, a/b.jpg~3.png, ..."""
-    yield _with_png_suffix(key)
-    yield key + ".png"
+def _candidates(key: str, suffix: str):
+    """a/b.jpg -> a/b.png, then a/b.jpg.png, then a/b.jpg~2.png, a/b.jpg~3.png, ... (suffix '.png')"""
+    yield with_suffix(key, suffix)
+    yield key + suffix
     n = 2
     while True:
-        yield f"{key}~{n}.png"
+        yield f"{key}~{n}{suffix}"
         n += 1
 
 
-def output_key_for(input_key: str, taken: set[str]) -> str:
-    """A loose file's output key: a/b.jpg -> a/b.png; if an earlier input took that (a/b.png beside a/b.jpg),
-    a/b.jpg.png, then a/b.jpg~2.png, ... until free: within `taken` (one listing) every input gets its own key.
-    Folders named like archives are marked (x.tar/ -> x.tar~/) so no loose file lands where an archive's members
-    go (member_output_key)."""
-    for key in _candidates(_folders(input_key)):
+def output_key_for(input_key: str, taken: set[str], suffix: str = ".png") -> str:
+    """A loose file's output key: a/b.jpg -> a/b.png (`suffix`: the output format's); if an earlier input took that
+    (a/b.png beside a/b.jpg), a/b.jpg.png, then a/b.jpg~2.png, ... until free: within `taken` (one listing) every
+    input gets its own key. Folders named like archives are marked (x.tar/ -> x.tar~/) so no loose file lands where
+    an archive's members go (member_output_key)."""
+    for key in _candidates(_folders(input_key), suffix):
         if key not in taken:
             taken.add(key)
             return key
 
 
-def member_output_key(archive_key: str, member: str, taken: set[str]) -> str:
+def member_output_key(archive_key: str, member: str, taken: set[str], suffix: str = ".png") -> str:
     """An archive member's output key: '<archive key>/<member as output_key_for>' (the archive's own folders
     marked, its name not), unique within `taken` (one archive). Two archives, and loose files, never meet: the
     first unmarked archive-like folder of an output key names the one archive it came from."""
     *folders, name = archive_key.split("/")
     base = "/".join([_mark_folder(f) for f in folders] + [name])
-    for key in _candidates(member):
+    for key in _candidates(member, suffix):
         if f"{base}/{key}" not in taken:
             taken.add(f"{base}/{key}")
             return f"{base}/{key}"
@@ -116,16 +116,16 @@ def sidecar_output_key(member_output: str, archive_key: str, sidecar: str) -> st
     return f"{base}/{sidecar}"
 
 
-def _with_png_suffix(key: str) -> str:
-    """str(PurePosixPath(key).with_suffix('.png')), without building a path for a plain key (planning calls this
+def with_suffix(key: str, suffix: str) -> str:
+    """str(PurePosixPath(key).with_suffix(suffix)), without building a path for a plain key (planning calls this
     once per input; pathlib costs several times the listing's own work per key)."""
     name = key[key.rfind("/") + 1:]
     plain = name not in ("", ".", "..") and "//" not in key and not key.startswith(("/", "./")) \
         and "/./" not in key and not key.endswith("/.")
     if not plain:
-        return str(PurePosixPath(key).with_suffix(".png"))
+        return str(PurePosixPath(key).with_suffix(suffix))
     dot = name.rfind(".")
-    return (key[:len(key) - len(name) + dot] if 0 < dot < len(name) - 1 else key) + ".png"
+    return (key[:len(key) - len(name) + dot] if 0 < dot < len(name) - 1 else key) + suffix
 
 
 def is_done(prev: dict[str, Any] | None, etag: str, digest: str, output_key: str, tar: bool) -> bool:

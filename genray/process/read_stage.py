@@ -164,10 +164,11 @@ class ArchivePlan:
 
 
 def plan_archives(objects: list[storage.ObjectInfo], done: pa.Table, digest: str, output_uri: str, tar: bool,
-                  retry_errors: bool = False, sink=None) -> ArchivePlan:
+                  retry_errors: bool = False, sink=None, suffix: str = ".png") -> ArchivePlan:
     """The archives to read, and the counts of those skipped whole. `done`: the manifest's rows (all columns, sorted
     by input_key, as manifest.read_latest gives them); an archive's members are one contiguous slice of it.
-    `sink(table)` takes each archive's unit table as it is made (e.g. ray.put; default: keep the table)."""
+    `sink(table)` takes each archive's unit table as it is made (e.g. ray.put; default: keep the table). `suffix`:
+    the output format's ('.png'); an archive whose members were written in another format is read again."""
     keys = done.column("input_key").combine_chunks()
     out = ArchivePlan()
     for obj in objects:
@@ -186,8 +187,9 @@ def plan_archives(objects: list[storage.ObjectInfo], done: pa.Table, digest: str
         at = manifest.find_sorted(keys, own_key)
         prev = done.slice(at, 1).to_pylist()[0] if at < len(keys) and keys[at].as_py() == own_key else None
         died = not retry_errors and manifest.died_before(prev, obj.etag, digest)
+        same_format = pc.all(pc.ends_with(usable.column("output_key"), suffix)).as_py() is not False
         if died or (prev and prev["status"] in ("ok", "skipped") and prev["input_etag"] == obj.etag
-                    and prev["model_digest"] == digest and usable.num_rows == members.num_rows):
+                    and prev["model_digest"] == digest and usable.num_rows == members.num_rows and same_format):
             # Read to the end before and every member is done, or its read workers died: nothing to read.
             errors = pc.sum(pc.equal(usable.column("status").cast(pa.string()), "error")).as_py() or 0
             out.num_skipped += usable.num_rows - errors
@@ -195,7 +197,7 @@ def plan_archives(objects: list[storage.ObjectInfo], done: pa.Table, digest: str
             out.num_archives_done += not died
         else:
             unit = {"kind": "archive", "key": obj.key, "uri": obj.uri, "etag": obj.etag, "size": obj.size,
-                    "num_done": usable.num_rows}
+                    "num_done": usable.num_rows, "suffix": suffix}
             table = pa.table([[json.dumps(unit)], [encode_done(usable)]], schema=UNIT_SCHEMA)
             out.units.append(sink(table) if sink else table)
     return out
@@ -363,7 +365,7 @@ def _archive_rows(unit: dict[str, Any], digest: str, tar: bool,
             if member.error is not None:
                 yield {**row, "result": json.dumps(error_row(input_key, etag, digest, member.error))}
                 continue
-            out_key = manifest.member_output_key(key, member.name, taken)
+            out_key = manifest.member_output_key(key, member.name, taken, unit.get("suffix", ".png"))
             prev = done.get(input_key)
             if manifest.is_done(prev, etag, digest, out_key, tar):
                 yield {**row, "result": json.dumps({**prev, "status": "skipped", "error": None, "seconds": 0.0})}
