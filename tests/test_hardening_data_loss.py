@@ -1,23 +1,27 @@
 """Issue 17, data loss: an output prefix equal to or inside the input (after normalisation) is refused; every input
 gets its own output key whatever the names (suffix swaps meeting fallbacks, a folder named like an archive beside
 it, nested archives, '#' in names, a name repeated in a tar); two runs on one output prefix at once are refused by
-a lease (and a run that lost its lease commits no more shards), and a shard number is never reused. Crafted inputs
+a lease (and a run that lost its lease commits no more shards and writes no more files), and a shard number is never reused. Crafted inputs
 in the real S3 server, through the real CLI."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
+import ray
 
 from genray import archives, storage
 from genray.config import ProcessConfig
 from genray.images import decode_image
-from genray.process.job import JobError, run_process_job
+from genray.process.job import JobError, ProcessImages, run_process_job
 from genray.process.lease import LEASE_NAME, Lease
 
 from helpers import genray, random_png, read_manifest_table, tar_bytes
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # TakenOverAt below runs in Ray's workers
 
 
 # --- output equal to or inside the input ------------------------------------------------------------------------
@@ -156,6 +160,32 @@ def test_a_run_that_lost_its_lease_commits_no_more_shards(ray_local, sr_model_ur
     rows = read_manifest_table(out).to_pylist()
     assert sorted(r["output_key"].partition("#")[0] for r in rows) == shards
     assert all(r["status"] == "ok" for r in rows)
+    assert json.loads(storage.read_bytes(f"{out}/{LEASE_NAME}"))["run_id"] == "run-that-took-over"  # left alone
+
+
+class TakenOver(ProcessImages):
+    """As if this run were paused past its lease's expiry once its model actor had started: another run takes the
+    lease over (written from inside the actor, on the S3 server) as the actor receives its first batch."""
+
+    def _process(self, rows):
+        if not getattr(self, "taken_over", False):
+            self.taken_over = True
+            storage.write_bytes(storage.join_uri(self.cfg.output_uri, LEASE_NAME), json.dumps(
+                {"run_id": "run-that-took-over", "host": "elsewhere", "pid": 1, "expires": time.time() + 600}).encode())
+        return super()._process(rows)
+
+
+def test_a_run_that_lost_its_lease_writes_no_more_files(ray_local, sr_model_uri, s3_bucket):
+    for i in range(5):
+        storage.write_bytes(f"{s3_bucket}/in/img{i:02d}.png", random_png(i, 8))
+    out = f"{s3_bucket}/out"
+    cfg = ProcessConfig(task="superres", input_uri=f"{s3_bucket}/in", output_uri=out, model_uri=sr_model_uri,
+                        batch_size=1, concurrency="1", cpus_per_actor=0.5)
+    with pytest.raises(JobError, match=r"lost its lease on the output prefix \(run run-that-took-over on "
+                                       r"elsewhere holds it now\)"):
+        run_process_job(cfg, udf=TakenOver)
+    # Model actors write loose files themselves: not one once the lease is gone, and no manifest row either.
+    assert [o.key for o in storage.list_objects(out)] == [LEASE_NAME]
     assert json.loads(storage.read_bytes(f"{out}/{LEASE_NAME}"))["run_id"] == "run-that-took-over"  # left alone
 
 

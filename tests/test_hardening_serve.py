@@ -208,24 +208,41 @@ def test_formats_outside_the_allowlist_are_refused(hard_app, fmt):
 
 # -- a timed-out forward stops ------------------------------------------------------------------------------
 
-def test_a_timed_out_forward_stops_between_tiles(serve_app, tmp_path):
-    # Wider and deeper than SLOW: a fast 2-core CI machine ran SLOW's 196 tiles of this image within the timeout.
-    slow = save_untrained_artifact(str(tmp_path / "slow"), "photo_denoiser", depth=8, width=64)
-    # 1024x1024 in 64-px tiles, one tile per forward: ~360 forward calls (~1.2 GFLOP each), far beyond the 0.5 s
-    # timeout on any CPU.
-    base = serve_app({"models": {"slow": {"uri": slow, "num_cpus": 0.25, "max_batch_size": 1, "tile": 64,
-                                          "tile_overlap": 8}},
-                      "gateway": {"num_cpus": 0.05}, "request_timeout_s": 0.5}, name="cancel")
-    big = encode_png(np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
-    r = requests.post(f"{base}/slow", data=big, timeout=120)
-    assert r.status_code == 504, r.text
-    abandoned = 0
-    for _ in range(60):  # generous: the forward notices at its next tile
-        info = requests.get(f"{base}/models", timeout=60).json()["models"]["slow"]
-        abandoned = info["num_abandoned_forwards"]
-        if abandoned:
+@pytest.mark.parametrize("kind", ["image", "style"])
+def test_a_timed_out_forward_stops_between_tiles(serve_app, tmp_path, kind):
+    """An image model's replica and the multiplexed style pool's: a 504 cancels the request, and the forward
+    running for it in the replica's thread stops at its next tile batch instead of holding the replica."""
+    tiles = {"num_cpus": 0.25, "max_batch_size": 1, "tile": 64, "tile_overlap": 8}
+    if kind == "image":
+        # Wider and deeper than SLOW: a fast 2-core CI machine ran SLOW's 196 tiles of this image within the
+        # timeout. 1024x1024 in 64-px tiles, one tile per forward: ~360 forward calls (~1.2 GFLOP each), far
+        # beyond the 0.5 s timeout on any CPU.
+        slow = save_untrained_artifact(str(tmp_path / "slow"), "photo_denoiser", depth=8, width=64)
+        app, route = {"models": {"slow": {"uri": slow, **tiles}}}, "slow"
+    else:  # Johnson's widths: ~3 GFLOP per 80-px tile
+        slow = save_untrained_artifact(str(tmp_path / "slow-style"), "style_net", widths=(64, 128, 256),
+                                       num_residual=5)
+        app, route = {"styles": {"uris": {"slow": slow}, **tiles}}, "style/slow"
+    base = serve_app({**app, "gateway": {"num_cpus": 0.05}, "request_timeout_s": 0.5}, name=f"cancel-{kind}")
+    def replica() -> dict:
+        info = requests.get(f"{base}/models", timeout=60).json()
+        return info["models"]["slow"] if kind == "image" else info["styles"]
+
+    small = encode_png(np.zeros((16, 16, 3), np.uint8))
+    # The style pool loads a style on its first request (which may itself time out): load it first.
+    assert requests.post(f"{base}/{route}", data=small, timeout=120).status_code in (200, 504)
+    for _ in range(60):
+        if kind == "image" or replica()["loaded_on_replica"] == ["slow"]:
             break
         time.sleep(1)
-    assert abandoned == 1
-    small = encode_png(np.zeros((16, 16, 3), np.uint8))
-    assert requests.post(f"{base}/slow", data=small, timeout=120).status_code == 200  # the replica is free again
+    time.sleep(1)  # a timed-out warm-up's forward (16 px: one tile) has ended
+    before = replica()["num_abandoned_forwards"]
+    big = encode_png(np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+    r = requests.post(f"{base}/{route}", data=big, timeout=120)
+    assert r.status_code == 504, r.text
+    for _ in range(60):  # generous: the forward notices at its next tile
+        if replica()["num_abandoned_forwards"] > before:
+            break
+        time.sleep(1)
+    assert replica()["num_abandoned_forwards"] == before + 1
+    assert requests.post(f"{base}/{route}", data=small, timeout=120).status_code == 200  # the replica is free again

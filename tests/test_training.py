@@ -33,6 +33,10 @@ def test_two_worker_run_writes_checkpoints_outputs_and_artefact(tiny_model):
     assert meta["num_workers"] == 2
     assert np.isfinite(meta["metrics"]["psnr_denoised_db"]) and np.isfinite(meta["metrics"]["psnr_noisy_db"])
     assert meta["metrics"]["num_eval_images"] == 32
+    # The held-out figures are in metrics.jsonl too, on the last epoch's row (the 2-d autoencoder's k-NN
+    # accuracies go there the same way).
+    assert history[-1]["held_out_psnr_denoised_db"] == meta["metrics"]["psnr_denoised_db"]
+    assert not any(k.startswith("held_out_") for row in history[:-1] for k in row)
 
 
 def test_rerun_with_same_name_resumes_from_checkpoint(ray_local, digits_uri, s3_bucket):

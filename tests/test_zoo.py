@@ -4,6 +4,7 @@ and a bulk job with `--model zoo:...` through the real CLI and S3 server, with n
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 
 from genray import storage, zoo
 from genray.config import load_config, read_yaml
-from genray.datasets import export_dataset
-from genray.images import decode_image, encode_png
+from genray.datasets import export_dataset, load_embedded
+from genray.images import decode_image, encode_png, resize
 from genray.model_artifact import ArtifactError, load_artifact
 from genray.pipeline.stages import digest_of
 
@@ -93,9 +94,9 @@ def test_zoo_list_and_a_bulk_job_with_a_zoo_model_through_the_cli(s3_bucket):
 
 
 @pytest.mark.integration
-def test_configs_serve_zoo_serves_the_shipped_models(serve_app):
-    """configs/serve/zoo.yaml as shipped (on the test session's Serve): real HTTP to a super-resolution, a classifier
-    and a generator endpoint, each answering with the zoo artefact's digest."""
+def test_configs_serve_zoo_serves_the_shipped_models(serve_app, tmp_path):
+    """configs/serve/zoo.yaml as shipped (on the test session's Serve): real HTTP to every endpoint, each answering
+    with the zoo artefact's digest; then the page at / in headless Chromium super-resolves a held-out photo."""
     import requests
 
     from genray.config import ServeFileConfig
@@ -120,3 +121,27 @@ def test_configs_serve_zoo_serves_the_shipped_models(serve_app):
         r = requests.get(f"{base}/generate/{name}", params={"n": 4, "seed": 0}, timeout=120)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", (name, r.text)
         assert r.headers["x-genray-model-digest"] == index[name]["digest"]
+
+    # The page, as a user meets it: the zoo's x4 model on a quarter-size crop of a held-out photo.
+    from browser import load_page
+
+    images, _, keys = load_embedded("photos")
+    cat = images[keys.index("test/chelsea.png")][40:232, 100:356]  # 256x192 around the cat's face
+    upload = tmp_path / "chelsea-quarter.png"
+    upload.write_bytes(encode_png(resize(cat, 64, 48)))
+    seen = {}
+
+    def use_the_page(page):
+        page.wait_until("[...document.querySelectorAll('#endpoint option')].map(o => o.value).includes('superres')")
+        page.evaluate("document.getElementById('endpoint').value = 'superres'")
+        page.set_files("#file", [str(upload)])
+        page.evaluate("document.getElementById('form').requestSubmit()")
+        seen["after"] = page.wait_until("(() => { const a = document.getElementById('after');"
+                                        " return a.naturalWidth ? [a.naturalWidth, a.naturalHeight] : null })()")
+        seen["caption"] = page.evaluate("document.getElementById('after-caption').textContent")
+
+    page = load_page(f"{base}/", actions=use_the_page, height=700)
+    assert page.errors == [] and seen["after"] == [256, 192], (page.errors, seen)
+    assert index["srresnet-x4"]["digest"][:19] in seen["caption"]
+    if os.environ.get("GENRAY_SCREENSHOT_DIR"):  # how docs/serve-page.png is made
+        (Path(os.environ["GENRAY_SCREENSHOT_DIR"]) / "serve-page.png").write_bytes(page.screenshot)

@@ -32,7 +32,7 @@ from genray.model_artifact import ArtifactError, provenance, read_meta
 from genray.process import read_stage
 from genray.process import manifest
 from genray.process.attempts import AttemptTracker
-from genray.process.lease import Lease, LeaseError
+from genray.process.lease import Lease, LeaseError, lost_lease
 from genray.config import ProcessConfig
 from genray.images import ImageError, decode_image, encode_image, resize
 from genray.runtime import ray_error_line
@@ -382,7 +382,7 @@ def _verify_outputs(cfg: ProcessConfig, ok: pa.Array, outputs: pa.Array) -> pa.A
 class ProcessImages:
     """Ray Data callable class: the model loads once per actor; each call handles one batch of input rows."""
 
-    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int, tracker=None):
+    def __init__(self, cfg: dict[str, Any], digest: str, num_threads: int, tracker=None, run_id: str | None = None):
         import torch
 
         from genray.inference import Predictor, pick_device
@@ -417,6 +417,9 @@ class ProcessImages:
         self.max_input_bytes = self.cfg.max_input_bytes or read_stage.max_member_bytes(self.cfg.max_pixels)
         self.node_id = ray.get_runtime_context().get_node_id()  # recorded per row: where the work ran
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="genray-io")
+        # Loose outputs are written here, not by the driver: each batch checks that its run still holds the lease
+        # on the output prefix before writing (tar shards are checked by the driver as it commits them).
+        self.run_id = run_id if self.cfg.output_format == "files" else None
         # With overlap_io two calls run at once: one forward at a time, the other call's reads and writes meanwhile.
         self.forward_lock = threading.Lock()
         if tracker is not None:
@@ -450,6 +453,9 @@ class ProcessImages:
         return read_stage.output_table(results + passed)
 
     def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # The lease is read beside the batch's reads and forward (one small GET, off the critical path); a run
+        # taken over meanwhile writes at most the batches already past this point.
+        lease = self.io.submit(_lease_lost, self.cfg.output_uri, self.run_id) if self.run_id else None
         # [1] read + decode, all of the batch's objects at once: a remote store's latency is paid once per batch,
         # not once per image. A bad file is an error row.
         decoded = list(self.io.map(self._read, rows))
@@ -457,6 +463,9 @@ class ProcessImages:
         good = [(row, got) for row, got in zip(rows, decoded) if not isinstance(got, str)]
         with self.forward_lock:  # [2] colour only: an alpha channel goes around the model (finish)
             outputs = self._predict([colour(image) for _, image in good], [row["input_key"] for row, _ in good])
+        lost = lease.result() if lease is not None else None
+        if lost:  # fails the job: its rows stay unrecorded, and the rerun after the other run redoes them
+            raise LeaseError(lost)
         # [3] encode + write under the same relative key, again concurrently (Pillow and sockets release the GIL).
         results += self.io.map(self._write, good, outputs)
         return results
@@ -520,6 +529,15 @@ class ProcessImages:
         return {"input_key": row["input_key"], "output_key": row["output_key"] if status == "ok" else None,
                 "status": status, "error": error, "input_etag": row["input_etag"], "model_digest": self.digest,
                 "width": width, "height": height, "seconds": 0.0, "node_id": self.node_id}
+
+
+def _lease_lost(output_uri: str, run_id: str) -> str | None:
+    """lost_lease, where a storage error means "cannot tell" (None): a blip reading the lease must not fail a
+    job, and the driver's renewal thread keeps watching it."""
+    try:
+        return lost_lease(output_uri, run_id)
+    except storage.StorageError:
+        return None
 
 
 def output_size(cfg: ProcessConfig, scale: float, image: np.ndarray) -> tuple[int, int]:
@@ -630,7 +648,7 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
         # On the driver's node: the tracker must outlive any worker node the job loses.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptTracker).remote()
-        ds = _dataset(cfg, work, digest, udf, log, tracker, read_fn)
+        ds = _dataset(cfg, work, digest, udf, log, tracker, read_fn, lease.run_id)
         # Each shard is committed only while this run still holds the lease (the renewal thread alone cannot stop
         # a run that was paused past its expiry and taken over from writing shards beside the new holder).
         rows = read_stage.DriverRows(cfg.output_uri, cfg.output_format == "tar", cfg.shard_size,
@@ -638,6 +656,8 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
         progress = Progress(None if units else work.num_todo, log)
         try:
             for row in ds.iter_rows():
+                if lease.lost:  # the renewal thread saw another run take the lease over: stop the job now
+                    lease.check()
                 row = {c: _plain(row[c]) for c in row}
                 if row.get("num_rows") is None:  # an image (not an archive's own row): progress as it comes back
                     progress.update(row["status"])
@@ -660,8 +680,10 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
             # Keep what finished: rerunning the same command then redoes only the rest.
             rows.abort()
             manifest.write_part(cfg.output_uri, summary.run_id, part, pending)
-            if isinstance(err, LeaseError):  # the run holding the lease compacts (two at once could drop rows)
-                raise JobError(str(err)) from None
+            # A model actor that found the lease lost fails the dataset with its LeaseError inside Ray's error.
+            lost = str(err) if isinstance(err, LeaseError) else _lease_lost(cfg.output_uri, summary.run_id)
+            if lost:  # the run holding the lease compacts (two at once could drop rows)
+                raise JobError(lost) from None
             manifest.compact(cfg.output_uri, summary.run_id, log)
             raise JobError(f"the job failed after {sum(progress.counts.values())} of {progress.total or '?'} images "
                            f"(rerun the same command to resume): {ray_error_line(err)}") from err
@@ -676,7 +698,7 @@ def _run_process_job(cfg: ProcessConfig, log, udf: type | None, read_fn, meta: d
 
 
 def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracker=None,
-             read_fn=None) -> ray.data.Dataset:
+             read_fn=None, run_id: str | None = None) -> ray.data.Dataset:
     """The Ray Data pipeline: (archives streamed into rows by read tasks ->) model actors."""
     cpus = actor_cpus(cfg, reserved=1.0 if work.units else 0.5)
     # Start the MIN model actors before any data flows (Ray Data otherwise starts them in the background and the
@@ -728,7 +750,7 @@ def _dataset(cfg: ProcessConfig, work: Plan, digest: str, udf: type, log, tracke
     return ds.map_batches(
         udf,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "digest": digest,
-                               "num_threads": actor_threads(cpus), "tracker": tracker},
+                               "num_threads": actor_threads(cpus), "tracker": tracker, "run_id": run_id},
         batch_size=cfg.batch_size,
         compute=pool,
         num_cpus=cpus,

@@ -23,6 +23,26 @@ class LeaseError(RuntimeError):
     """Another run holds the output prefix."""
 
 
+def lost_lease(output_uri: str, run_id: str) -> str | None:
+    """None while run `run_id` holds the lease on `output_uri`, else why it does not: what a run that lost its
+    lease (paused past its expiry and taken over, or the lease deleted by hand) stops on, before writing more."""
+    uri = storage.join_uri(output_uri, LEASE_NAME)
+    try:
+        held = json.loads(storage.read_bytes(uri))
+    except storage.StorageError as err:
+        if err.reason != "missing_object":
+            raise  # a storage failure: the write that follows would fail alike
+        held = {}
+    except ValueError:
+        held = {}
+    if held.get("run_id") == run_id:
+        return None
+    now = f"run {held.get('run_id')} on {held.get('host')} holds it now" if held else "the lease object is gone"
+    return (f"{uri}: this run ({run_id}) lost its lease on the output prefix ({now}); stopped before writing "
+            f"more, so that two runs never write it at once. What this run committed is in the manifest; rerun "
+            f"the same command once the other run is done")
+
+
 def _holder_is_dead_here(held: dict) -> bool:
     """A lease taken on this host by a process that no longer exists: a killed driver's, so a rerun of the same
     command (the documented way to resume) need not wait for it to expire. Elsewhere only expiry can tell."""
@@ -39,7 +59,7 @@ def _holder_is_dead_here(held: dict) -> bool:
 
 class Lease:
     def __init__(self, output_uri: str, run_id: str, seconds: float, log=print):
-        self.uri = storage.join_uri(output_uri, LEASE_NAME)
+        self.output_uri, self.uri = output_uri, storage.join_uri(output_uri, LEASE_NAME)
         self.run_id, self.seconds, self.log = run_id, seconds, log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,21 +131,10 @@ class Lease:
         """Raise LeaseError unless this run still holds the lease. Called before each tar shard is committed and
         before the manifest is compacted: a run that lost it (paused past its expiry and taken over, or its lease
         deleted by hand) must not write shards or rewrite manifest segments beside the run that holds it now."""
-        try:
-            held = json.loads(storage.read_bytes(self.uri))
-        except storage.StorageError as err:
-            if err.reason != "missing_object":
-                raise  # a storage failure: the write that follows would fail alike
-            held = {}
-        except ValueError:
-            held = {}
-        if held.get("run_id") == self.run_id:
-            return
-        self.lost = True
-        now = f"run {held.get('run_id')} on {held.get('host')} holds it now" if held else "the lease object is gone"
-        raise LeaseError(f"{self.uri}: this run ({self.run_id}) lost its lease on the output prefix ({now}); "
-                         f"stopped before writing more, so that two runs never write it at once. What this run "
-                         f"committed is in the manifest; rerun the same command once the other run is done")
+        lost = lost_lease(self.output_uri, self.run_id)
+        if lost:
+            self.lost = True
+            raise LeaseError(lost)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.seconds / 3):

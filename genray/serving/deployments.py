@@ -11,6 +11,7 @@ loop, in the format the gateway negotiated (ImageOutput), with the model's prove
 import asyncio
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -84,8 +85,58 @@ def grid(images: np.ndarray, nrow: int | None = None) -> np.ndarray:
     return make_grid(list(images), nrow=nrow or math.ceil(math.sqrt(len(images))))
 
 
+class _Request:
+    """One request's cancellation flag, shared with the forward thread."""
+    cancelled = False
+
+
+class _Abandoned(Exception):
+    pass
+
+
+class _StopsAbandonedForwards:
+    """A large image is many tile batches. Checked between them, a forward whose requests have all been cancelled
+    (the gateway's 504 on a timeout, or a client that went away) stops instead of running to the end in its
+    thread and holding the replica."""
+
+    def _watch_forwards(self) -> None:
+        self._forward_thread = threading.local()  # .requests: those of the batch this thread runs the forward for
+        self.num_abandoned = 0  # forwards stopped part-way because every request in them was cancelled
+
+    def _stop_abandoned_forwards(self, predictor) -> None:
+        forward = predictor._forward
+
+        def checked_forward(batch):
+            requests = getattr(self._forward_thread, "requests", None)
+            if requests and all(r.cancelled for r in requests):
+                raise _Abandoned()
+            return forward(batch)
+
+        predictor._forward = checked_forward
+
+    async def _cancellable(self, batched, *args):
+        """Call a @serve.batch method with a cancellation flag of its own as the last argument."""
+        request = _Request()
+        try:
+            return await batched(*args, request)
+        except asyncio.CancelledError:
+            request.cancelled = True  # read by the forward thread between tile batches
+            raise
+
+    def _abandonable(self, requests: list[_Request], run):
+        """run() in this (worker) thread, with checked_forward watching `requests`."""
+        self._forward_thread.requests = requests
+        try:
+            return run()
+        except _Abandoned:
+            self.num_abandoned += 1
+            raise RuntimeError("abandoned: every request in this batch was cancelled") from None
+        finally:
+            self._forward_thread.requests = None
+
+
 @serve.deployment(max_constructor_retry_count=3)
-class ImageDeployment(_Replica):
+class ImageDeployment(_StopsAbandonedForwards, _Replica):
     """A model artefact as a batched image -> image function (the Predictor tiles large images)."""
 
     def __init__(self, cfg: dict[str, Any], name: str):
@@ -97,54 +148,22 @@ class ImageDeployment(_Replica):
                                             batch_size=self.cfg.max_batch_size)
         self.meta = self.predictor.meta
         self.provenance = provenance(name, self.meta)
-        self.num_abandoned = 0  # forwards stopped part-way because every request in them was cancelled
-        # A large image is many tile batches; the check between them lets a forward whose requests all timed out
-        # (the gateway's 504 cancels them) stop instead of running to the end in its thread.
-        forward = self.predictor._forward
-        self._batch_requests: list[_Request] = []
-
-        def checked_forward(batch):
-            if self._batch_requests and all(r.cancelled for r in self._batch_requests):
-                raise _Abandoned()
-            return forward(batch)
-
-        self.predictor._forward = checked_forward
+        self._watch_forwards()
+        self._stop_abandoned_forwards(self.predictor)
 
     async def __call__(self, image: np.ndarray, output: ImageOutput) -> tuple[bytes, dict[str, str]]:
-        request = _Request()
-        try:
-            return await self._batched(image, request, output)
-        except asyncio.CancelledError:
-            request.cancelled = True  # read by the forward thread between tile batches
-            raise
+        return await self._cancellable(self._batched, image, output)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list[np.ndarray], requests: list["_Request"],
-                       outputs: list[ImageOutput]) -> list[tuple[bytes, dict[str, str]]]:
+    async def _batched(self, images: list[np.ndarray], outputs: list[ImageOutput],
+                       requests: list[_Request]) -> list[tuple[bytes, dict[str, str]]]:
         self._record_batch(len(images))
-        self._batch_requests = requests  # one batch at a time per replica (@serve.batch's default)
-
-        def run() -> list[tuple[bytes, dict[str, str]]]:
-            try:
-                return [encode(y, o, self.provenance) for y, o in zip(self.predictor(images), outputs)]
-            except _Abandoned:
-                self.num_abandoned += 1
-                raise RuntimeError("abandoned: every request in this batch was cancelled") from None
-
         # In a thread: the replica's event loop keeps accepting (and batching) requests during the forward pass.
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self._abandonable, requests, lambda: [
+            encode(y, o, self.provenance) for y, o in zip(self.predictor(images), outputs)])
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "num_abandoned_forwards": self.num_abandoned}
-
-
-class _Request:
-    """One request's cancellation flag, shared with the forward thread."""
-    cancelled = False
-
-
-class _Abandoned(Exception):
-    pass
 
 
 class _LoadedStyle:
@@ -160,7 +179,7 @@ class _LoadedStyle:
 
 
 @serve.deployment(max_constructor_retry_count=3)
-class StylePoolDeployment(_Replica):
+class StylePoolDeployment(_StopsAbandonedForwards, _Replica):
     """Fast style networks behind one deployment: the request's multiplexed model id names the style, and any
     replica loads it on first use (least recently used styles are evicted beyond max_styles_per_replica)."""
 
@@ -169,7 +188,7 @@ class StylePoolDeployment(_Replica):
         from genray.models import get_spec
 
         self.cfg = StylePoolConfig.model_validate(cfg)
-        self._setup(self.cfg, self.__call__)
+        self._setup(self.cfg, self._batched)
         # model.json of every style up front (small files): a wrong URI fails the deployment, not a request,
         # and GET /models lists every style's digest, loaded or not.
         self.metas = {name: read_meta(uri) for name, uri in self.cfg.uris.items()}
@@ -178,6 +197,7 @@ class StylePoolDeployment(_Replica):
             raise ValueError(f"not style networks: {wrong}")
         self.loaded: dict[str, _LoadedStyle] = {}
         self.num_loads = 0
+        self._watch_forwards()
 
         async def load_style(style: str) -> _LoadedStyle:
             return await asyncio.to_thread(self._load, style)
@@ -190,24 +210,29 @@ class StylePoolDeployment(_Replica):
 
         predictor = Predictor.from_uri(self.cfg.uris[style], tile=self.cfg.tile, tile_overlap=self.cfg.tile_overlap,
                                        batch_size=self.cfg.max_batch_size)
+        self._stop_abandoned_forwards(predictor)
         self.num_loads += 1
         return _LoadedStyle(style, predictor, self.loaded)
 
+    async def __call__(self, image: np.ndarray, output: ImageOutput) -> tuple[bytes, dict[str, str]]:
+        return await self._cancellable(self._batched, image, output)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[np.ndarray],
-                       outputs: list[ImageOutput]) -> list[tuple[bytes, dict[str, str]]]:
-        # Serve splits batches by multiplexed model id, so one batch is one style.
+    async def _batched(self, images: list[np.ndarray], outputs: list[ImageOutput],
+                       requests: list[_Request]) -> list[tuple[bytes, dict[str, str]]]:
+        # Serve splits batches by multiplexed model id (captured from each request), so one batch is one style.
         name = serve.get_multiplexed_model_id()
         style = await self.get_style(name)
         self._record_batch(len(images))
         metadata = provenance(name, self.metas[name])
-        return await asyncio.to_thread(
-            lambda: [encode(y, o, metadata) for y, o in zip(style.predictor(images), outputs)])
+        return await asyncio.to_thread(self._abandonable, requests, lambda: [
+            encode(y, o, metadata) for y, o in zip(style.predictor(images), outputs)])
 
     def info(self) -> dict[str, Any]:
         return {"styles": {name: _artifact_info(self.cfg.uris[name], meta) for name, meta in self.metas.items()},
                 "loaded_on_replica": sorted(self.loaded), "num_loads": self.num_loads,
-                "max_styles_per_replica": self.cfg.max_styles_per_replica, **self._replica_info()}
+                "max_styles_per_replica": self.cfg.max_styles_per_replica, "num_abandoned_forwards": self.num_abandoned,
+                **self._replica_info()}
 
 
 @serve.deployment(max_constructor_retry_count=3)

@@ -131,6 +131,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             raise TrainingError(f"held-out data: {err}") from None
         held_out = spec.evaluate(model, images, labels, cfg.model)
         metrics.update(held_out)
+        # metrics.jsonl gets them too, on the last epoch's row as held_out_<name> (e.g. the 2-d autoencoder's
+        # held_out_knn_accuracy_tsne): the run's one file of numbers holds its final quality as well.
+        outputs.write_metrics(cfg.output_uri, saved["history"][:-1] + [
+            {**saved["history"][-1], **{f"held_out_{k}": v for k, v in tracking.scalar_metrics(held_out).items()}}])
         for name, data in (spec.extra_outputs(model, images, labels, cfg.model) if spec.extra_outputs else {}).items():
             storage.write_bytes(storage.join_uri(cfg.output_uri, name), data)
     model_uri = storage.join_uri(cfg.output_uri, "model")
