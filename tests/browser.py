@@ -151,3 +151,24 @@ def _page_websocket(profile: Path, proc: subprocess.Popen) -> str:
         if time.monotonic() > deadline:
             raise RuntimeError("chromium opened no page")
         time.sleep(0.1)
+
+
+def upload_through_the_page(base: str, endpoint: str, path: str, height: int = 900) -> tuple[PageLoad, dict]:
+    """Serve's page at base/, used as a person would: wait for its endpoint list, pick `endpoint`, choose the file
+    at `path`, press Run. Returns the page load and what the page showed: the endpoint options, the widths of the
+    'before' image and [width, height] of the 'after' one, and the caption under it."""
+    seen: dict = {}
+
+    def use_the_page(page: _DevTools) -> None:
+        seen["options"] = page.wait_until(
+            f"(() => {{ const o = [...document.querySelectorAll('#endpoint option')].map(o => o.value);"
+            f" return o.includes({json.dumps(endpoint)}) ? o : null }})()")
+        page.evaluate(f"document.getElementById('endpoint').value = {json.dumps(endpoint)}")
+        page.set_files("#file", [path])
+        page.evaluate("document.getElementById('form').requestSubmit()")
+        seen["after"] = page.wait_until("(() => { const a = document.getElementById('after');"
+                                        " return a.naturalWidth ? [a.naturalWidth, a.naturalHeight] : null })()")
+        seen["before"] = page.wait_until("document.getElementById('before').naturalWidth")
+        seen["caption"] = page.evaluate("document.getElementById('after-caption').textContent")
+
+    return load_page(f"{base}/", actions=use_the_page, height=height), seen

@@ -300,24 +300,12 @@ def test_the_upload_page_works_in_chromium(serve_families, tmp_path):
     """The gateway's page at its root, in headless Chromium: it lists the served endpoints from GET models, a user
     picks the x4 model and a file, presses Run, and the page shows the model's answer next to the upload; no
     console errors or failed requests on the way."""
-    from browser import load_page
+    from browser import upload_through_the_page
 
     base, _ = serve_families
     upload = tmp_path / "photo.png"
     upload.write_bytes(encode_png(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)))
-    seen = {}
-
-    def use_the_page(page):
-        seen["options"] = page.wait_until("[...document.querySelectorAll('#endpoint option')].map(o => o.value)")
-        page.evaluate("document.getElementById('endpoint').value = 'tiny-srgan'")
-        page.set_files("#file", [str(upload)])
-        page.evaluate("document.getElementById('form').requestSubmit()")
-        seen["after"] = page.wait_until("(() => { const a = document.getElementById('after');"
-                                        " return a.naturalWidth ? [a.naturalWidth, a.naturalHeight] : null })()")
-        seen["before"] = page.wait_until("document.getElementById('before').naturalWidth")
-        seen["caption"] = page.evaluate("document.getElementById('after-caption').textContent")
-
-    page = load_page(f"{base}/", actions=use_the_page, height=900)
+    page, seen = upload_through_the_page(base, "tiny-srgan", str(upload))
     assert page.errors == [] and page.title == "genray"
     assert {"tiny-srgan", "tiny-photo_denoiser"} <= set(seen["options"]) and any(
         o.startswith("style/") for o in seen["options"])

@@ -123,24 +123,13 @@ def test_configs_serve_zoo_serves_the_shipped_models(serve_app, tmp_path):
         assert r.headers["x-genray-model-digest"] == index[name]["digest"]
 
     # The page, as a user meets it: the zoo's x4 model on a quarter-size crop of a held-out photo.
-    from browser import load_page
+    from browser import upload_through_the_page
 
     images, _, keys = load_embedded("photos")
     cat = images[keys.index("test/chelsea.png")][40:232, 100:356]  # 256x192 around the cat's face
     upload = tmp_path / "chelsea-quarter.png"
     upload.write_bytes(encode_png(resize(cat, 64, 48)))
-    seen = {}
-
-    def use_the_page(page):
-        page.wait_until("[...document.querySelectorAll('#endpoint option')].map(o => o.value).includes('superres')")
-        page.evaluate("document.getElementById('endpoint').value = 'superres'")
-        page.set_files("#file", [str(upload)])
-        page.evaluate("document.getElementById('form').requestSubmit()")
-        seen["after"] = page.wait_until("(() => { const a = document.getElementById('after');"
-                                        " return a.naturalWidth ? [a.naturalWidth, a.naturalHeight] : null })()")
-        seen["caption"] = page.evaluate("document.getElementById('after-caption').textContent")
-
-    page = load_page(f"{base}/", actions=use_the_page, height=700)
+    page, seen = upload_through_the_page(base, "superres", str(upload), height=700)
     assert page.errors == [] and seen["after"] == [256, 192], (page.errors, seen)
     assert index["srresnet-x4"]["digest"][:19] in seen["caption"]
     if os.environ.get("GENRAY_SCREENSHOT_DIR"):  # how docs/serve-page.png is made
