@@ -91,7 +91,7 @@ class _Request:
 
 
 class _Abandoned(Exception):
-    pass
+    """Raised between tile batches of a forward whose requests have all been cancelled."""
 
 
 class _StopsAbandonedForwards:
