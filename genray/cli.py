@@ -553,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logs.set_verbosity(logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.NORMAL)
+    if argv is None:  # run as the program (not called by a test or a library): its terminal is genray's
+        logs.own_terminal()
     try:
         return args.func(args)
     except _user_errors() as err:

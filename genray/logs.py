@@ -10,7 +10,11 @@ Ray reaches the terminal by three roads, each handled here before ray.init:
      console handlers keep only errors and a file handler gets everything;
   2. workers' stdout/stderr forwarded to the driver (log_to_driver): Ray's dispatcher handler is swapped for one
      that writes every line to the file and passes on only genray's own `[genray] ...` lines;
-  3. Ray Data's progress bars: switched off (its logs, including the execution plans, stay in the file).
+  3. Ray Data's progress bars: switched off (its logs, including the execution plans, stay in the file);
+  4. the driver's own C++ core worker, which writes its ERROR lines straight to file descriptor 2 (Ray Data's actor
+     pools trigger one per job: "has constructor arguments in the object store"): when the CLI owns the terminal,
+     fd 2 is pointed at the file and Python's sys.stderr at a copy of the terminal, so genray's errors and
+     tracebacks still show.
 Python warnings (Ray's deprecation notices) go to the file as well.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 _level = NORMAL
 _log_path: Path | None = None
+_owns_terminal = False  # set by the CLI: the process is genray's, so its file descriptor 2 may be re-pointed
+_native_diverted = False
 _RAY_LOGGERS = ("ray", "ray.data", "ray.serve", "py.warnings")
 OWN_PREFIX = "[genray]"
 DETAIL_PREFIX = "[genray.detail]"  # genray lines for the log file only (e.g. most epochs of a long run)
@@ -34,6 +40,12 @@ DETAIL_PREFIX = "[genray.detail]"  # genray lines for the log file only (e.g. mo
 def set_verbosity(level: int) -> None:
     global _level
     _level = level
+
+
+def own_terminal() -> None:
+    """Called by the CLI (not by library users or tests, whose stderr is their own): road 4 may be taken."""
+    global _owns_terminal
+    _owns_terminal = True
 
 
 def verbosity() -> int:
@@ -155,6 +167,26 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     quiet_ray_loggers()  # importing ray.data added its console handler
+
+
+def divert_native_stderr() -> None:
+    """Road 4, after ray.init (the processes it starts redirect their own output to Ray's files already)."""
+    global _native_diverted
+    if not _owns_terminal or _level >= VERBOSE or _native_diverted:
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    log_fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    old_stderr = sys.stderr
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8",
+                           errors="backslashreplace")
+    for name in _RAY_LOGGERS:  # console handlers made earlier hold the old object, now writing to the file
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old_stderr:
+                handler.setStream(sys.stderr)
+    _native_diverted = True
 
 
 def announce() -> None:

@@ -43,6 +43,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                            logging_level="WARNING" if quiet and verbose else "INFO")
     logs.relay_worker_logs()
+    logs.divert_native_stderr()
     logs.quiet_ray_data()
     logs.announce()
     return context
