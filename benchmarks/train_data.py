@@ -6,9 +6,9 @@
 - stream_vs_memory: training images/s of genray's data path (Ray Data + get_dataset_shard, default settings: this
   small set is decoded once into the object store) over an in-memory reference (the same data decoded up front
   into a torch DataLoader with a DistributedSampler, as the loop did before; the reference lives here only), same
-  model, same workers, neither side under the /proc memory sampler. Target >= 0.95: streaming must not slow a
-  compute-bound step. stream_every_epoch_vs_memory: the same with the files read and decoded again every epoch
-  (data.materialize=never).
+  model, same workers, neither side under the /proc memory sampler; the medians of --rounds alternating runs of
+  each. Target >= 0.95: streaming must not slow a compute-bound step. stream_every_epoch_vs_memory: the same with
+  the files read and decoded again every epoch (data.materialize=never).
 - shards_vs_loose: the same training from WebDataset tar shards vs loose PNG files in the S3 server with
   --latency-ms (default 40) per request, the data streamed every epoch. Target >= 1.0.
 Prints one JSON line. `--smoke-test` runs tiny sizes in well under a minute.
@@ -83,7 +83,10 @@ def train_and_measure(cfg: TrainConfig, memory: bool = True) -> dict:
         run_training(cfg)
         seconds = time.perf_counter() - started
     history = read_history(cfg.output_uri)
-    figures = {"seconds": round(seconds, 2), "images_per_s": steady_images_per_s(history)}
+    figures = {"seconds": round(seconds, 2), "images_per_s": steady_images_per_s(history),
+               # the steps' wait for data per epoch (the slowest worker's), after the first epoch
+               "data_wait_s": [r.get("data_wait_seconds") for r in history[1:]],
+               "epoch_s": [r["epoch_seconds"] for r in history[1:]]}
     if memory:
         figures.update(worker_peak_rss_mb=round(sampler.peak_marked_kb / 1024, 1), num_workers_seen=sampler.num_marked)
     return figures
@@ -162,12 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, for CI (well under a minute)")
     p.add_argument("--images", type=int, default=300, help="crops in the small dataset (the large one has 10x)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="alternating genray/reference rounds (stream_vs_memory)")
     p.add_argument("--latency-ms", type=float, default=40.0, help="added to every S3 request (shards_vs_loose)")
     p.add_argument("--only", choices=("rss", "stream", "shards"), action="append",
                    help="run only these parts (repeatable); default: all")
     args = p.parse_args(argv)
     small = 20 if args.smoke_test else args.images
     epochs = 1 if args.smoke_test else args.epochs
+    rounds = 1 if args.smoke_test else args.rounds
     parts = set(args.only or ("rss", "stream", "shards"))
     # A small DnCNN on 64x64 patches: compute-bound like real training, cheap enough for 2 CPU cores.
     denoiser = {"family": "photo_denoiser", "depth": 5, "width": 16, "patch": 64, "crops_per_image": 1}
@@ -192,15 +197,26 @@ def main(argv: list[str] | None = None) -> dict:
             data_uri = f"{tmp}/crops_stream"
             write_crops(data_uri, small)
             model = {**denoiser, "depth": 8, "width": 24, "crops_per_image": 4}
-            cfg = train_config(data_uri, tmp, "stream", epochs + 1, model)  # default: small data is materialised
-            streamed = train_and_measure(cfg, memory=False)["images_per_s"]
-            never = train_and_measure(train_config(data_uri, tmp, "stream_never", epochs + 1, model,
-                                                   data={"materialize": "never"}), memory=False)["images_per_s"]
-            reference = reference_images_per_s(cfg, f"{tmp}/reference")
+            # Rounds alternate genray and the reference: on a shared VM the same steps drift by 10-15 % over
+            # minutes, which sequential runs would read as a difference between the two.
+            streamed, reference = [], []
+            for r in range(rounds):
+                cfg = train_config(data_uri, tmp, f"stream{r}", epochs + 1, model)  # default: small data materialised
+                figures = train_and_measure(cfg, memory=False)
+                common.log(f"[stream] round {r + 1}: genray {figures}")
+                streamed.append(figures["images_per_s"])
+                reference.append(reference_images_per_s(cfg, f"{tmp}/reference{r}"))
+                common.log(f"[stream] round {r + 1}: in-memory reference {reference[-1]:.1f} img/s")
+            never_figures = train_and_measure(train_config(data_uri, tmp, "stream_never", epochs + 1, model,
+                                                           data={"materialize": "never"}), memory=False)
+            common.log(f"[stream] read every epoch: {never_figures}")
+            streamed, reference = statistics.median(streamed), statistics.median(reference)
+            never = never_figures["images_per_s"]
             common.log(f"[stream] genray {streamed:.1f} img/s (read every epoch: {never:.1f}), in-memory reference "
                        f"{reference:.1f} img/s")
             result["stream_images_per_s"], result["memory_images_per_s"] = round(streamed, 1), round(reference, 1)
             result["stream_vs_memory"] = round(streamed / reference, 3)
+            result["stream_rounds"] = rounds
             # The same with the files read and decoded again every epoch (what a dataset too large to keep does).
             result["stream_every_epoch_vs_memory"] = round(never / reference, 3)
         if "shards" in parts:

@@ -1,6 +1,7 @@
 """The only place for fixtures: a real S3-compatible server, a real local Ray, a real Serve HTTP proxy."""
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import tempfile
@@ -36,12 +37,20 @@ from helpers import load_ray_local, save_untrained_artifact, tiny_train_config  
 # `integration` tier. `make test-fast` runs the rest (no Ray, no Serve, no CLI subprocess) for the edit loop;
 # modules that drive the CLI as a subprocess mark themselves with `pytestmark = pytest.mark.integration`.
 RAY_FIXTURES = {"ray_session", "ray_local", "serve_http", "serve_app", "serve_families", "tiny_model",
-                "multinode_cluster", "ray_cluster"}
+                "multinode_cluster", "ray_cluster", "gpu_cluster"}
+
+
+def _runs_the_cli(item) -> bool:
+    """The test calls helpers.genray (the CLI as a subprocess: seconds of imports each, often a Ray job)."""
+    try:
+        return "genray(" in inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return False
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if RAY_FIXTURES & set(item.fixturenames):
+        if RAY_FIXTURES & set(item.fixturenames) or _runs_the_cli(item):
             item.add_marker(pytest.mark.integration)
 
 

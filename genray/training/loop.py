@@ -212,7 +212,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         num_steps, num_items, errors = 0, 0, []
         batches = stream.batches(spec, epoch, errors)
-        while all_workers_have((batch := next(batches, None)) is not None, device):
+        waited = 0.0  # time the steps waited for data: near 0 unless the input pipeline is the bottleneck
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if not all_workers_have(batch is not None, device):
+                break
             batch = to_device(batch, device)
             with autocast(cfg.train.precision, device, scaler):
                 losses = spec.train_step(state, batch)
@@ -231,9 +237,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         metrics = mean_across_workers({k: v / num_steps for k, v in sums.items()}, device)
         errors = gather(errors)
+        peak_rss, data_waits = zip(*gather([(peak_rss_mb(), waited)]))  # every worker's, in one collective
         metrics.update(epoch=epoch, step=state.step, lr_factor=round(factor, 6), epoch_seconds=round(seconds, 4),
+                       data_wait_seconds=round(max(data_waits), 4),  # the slowest worker's
                        images_per_s=round(num_items * world / max(seconds, 1e-9), 2), world_size=world,
-                       data_errors=len(errors), worker_peak_rss_mb=max(gather([peak_rss_mb()])),
+                       data_errors=len(errors), worker_peak_rss_mb=max(peak_rss),
                        **placement)
         if errors:
             metrics["data_error_keys"] = errors[:MAX_ERROR_KEYS]  # all of them are in the workers' logs
