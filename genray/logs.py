@@ -42,10 +42,30 @@ def set_verbosity(level: int) -> None:
     _level = level
 
 
+class _Stderr:
+    """sys.stderr while the CLI runs: writes go to `stream`, which road 4 swaps for a copy of the terminal, so
+    whatever took a reference to sys.stderr before (contextlib.redirect_stdout(sys.stderr) under --json, logging
+    handlers) keeps reaching the terminal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, ...: the current stream's
+        return getattr(self.stream, name)
+
+
 def own_terminal() -> None:
     """Called by the CLI (not by library users or tests, whose stderr is their own): road 4 may be taken."""
     global _owns_terminal
     _owns_terminal = True
+    if not isinstance(sys.stderr, _Stderr):
+        sys.stderr = _Stderr(sys.stderr)
 
 
 def verbosity() -> int:
@@ -179,12 +199,15 @@ def divert_native_stderr() -> None:
     log_fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    old_stderr = sys.stderr
-    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8",
-                           errors="backslashreplace")
-    for name in _RAY_LOGGERS:  # console handlers made earlier hold the old object, now writing to the file
+    terminal_stream = os.fdopen(terminal, "w", buffering=1, errors="backslashreplace",
+                                encoding=getattr(sys.stderr, "encoding", None) or "utf-8")
+    if isinstance(sys.stderr, _Stderr):
+        sys.stderr.stream = terminal_stream
+    else:  # something replaced sys.stderr since: it was writing to fd 2
+        sys.stderr = terminal_stream
+    for name in _RAY_LOGGERS:  # console handlers made before the CLI started hold sys.__stderr__, i.e. fd 2
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old_stderr:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.__stderr__:
                 handler.setStream(sys.stderr)
     _native_diverted = True
 
