@@ -10,7 +10,7 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
-test-fast: setup  # the edit loop: no Ray, no Serve, no CLI subprocess (a few minutes)
+test-fast: setup  # the edit loop: no Ray, no Serve, no CLI subprocess (about 2 minutes)
 	.venv/bin/python -m pytest -q -m "not integration"
 
 bench: setup  # benchmarks/_*.py are helper modules, not benchmarks
