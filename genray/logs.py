@@ -5,7 +5,7 @@ Three levels, chosen by the global flags of `genray` (cli.main):
   normal        + genray's progress lines (per-epoch training line, bulk progress line, demo steps);
   verbose (-v)  + everything Ray prints, as Ray prints it (nothing is redirected).
 
-Ray reaches the terminal by three roads, each handled here before ray.init:
+Ray reaches the terminal by four roads, each handled here around ray.init:
   1. Python loggers of the driver ('ray', 'ray.data', 'ray.serve'; 'ray.train' propagates to 'ray'): their
      console handlers keep only errors and a file handler gets everything;
   2. workers' stdout/stderr forwarded to the driver (log_to_driver): Ray's dispatcher handler is swapped for one
