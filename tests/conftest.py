@@ -35,7 +35,7 @@ from helpers import load_ray_local, save_untrained_artifact, tiny_train_config  
 
 # Tests that use any of these need a Ray instance (a local one, Serve, or the multi-node cluster): they are the
 # `integration` tier. `make test-fast` runs the rest (no Ray, no Serve, no CLI subprocess) for the edit loop;
-# so are tests that call the CLI runner genray(...), and modules can mark themselves (`pytestmark`).
+# tests that call the CLI runner genray(...) are integration too, and modules can mark themselves (`pytestmark`).
 RAY_FIXTURES = {"ray_session", "ray_local", "serve_http", "serve_app", "serve_families", "tiny_model",
                 "multinode_cluster", "ray_cluster", "gpu_cluster"}
 
