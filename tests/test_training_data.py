@@ -3,6 +3,7 @@ read by Ray Data tasks and streamed to 2 Ray Train workers; labels from folders 
 (counted, named in metrics.jsonl) or fatal; bf16 autocast on CPU."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 
 import numpy as np
@@ -119,6 +120,25 @@ def test_trains_from_a_brace_pattern_of_shards_with_sidecar_labels(ray_local, s3
     with pytest.raises(TrainingError, match=r"d0000\.png"):
         run_training(tiny("configs/tiny/sae_classifier.yaml", pattern, f"{s3_bucket}/strict2", "name=strict2",
                           "data.on_error=fail", "data.materialize=never", "train.epochs=1"))
+
+
+def test_materialised_rows_come_in_equal_blocks_that_split_evenly_over_workers(ray_local):
+    import ray.data
+
+    from genray.training.data import equal_blocks
+
+    rows = [{"key": f"k{i:02d}", "error": "bad png" if i == 1 else None} for i in range(37)]
+    ds = equal_blocks(ray.data.from_items(rows, override_num_blocks=5).materialize(), world=2, rows_per_block=8)
+    sizes = [entry.metadata.num_rows for bundle in ds.iter_internal_ref_bundles() for entry in bundle.blocks]
+    # 37 rows -> 6 blocks of 7 (a multiple of 2 workers): 5 copies top it up, none of the bad row.
+    assert sizes == [7] * 6
+    keys = [r["key"] for r in ds.take_all()]
+    assert sorted(set(keys)) == [r["key"] for r in rows] and keys.count("k01") == 1
+    # The workers read their shares at the same time (an epoch starts once every split has asked for it).
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        shares = list(pool.map(lambda split: sum(len(b["key"]) for b in split.iter_batches(batch_size=None)),
+                               ds.streaming_split(2, equal=True)))
+    assert shares == [21, 21]  # every row kept: nothing cut off to even the workers out
 
 
 def test_bf16_autocast_on_cpu_is_recorded_in_the_artefact(ray_local, digits_uri, s3_bucket):

@@ -46,8 +46,25 @@ def build_dataset(cfg: TrainConfig, channels: int | None):
     if cfg.data.limit is not None:
         ds = ds.limit(cfg.data.limit)
     if materialize:
-        ds = ds.materialize().randomize_block_order(seed=shuffle)
+        ds = equal_blocks(ds.materialize(), cfg.scaling.num_workers).randomize_block_order(seed=shuffle)
     return ds
+
+
+def equal_blocks(ds, world: int, rows_per_block: int = 16):
+    """The materialised rows as blocks of one size, a multiple of `world` of them, topped up with copies of the
+    first good rows (fewer than one block per worker, none with an error).
+
+    Ray Train hands each worker an equal share of rows every epoch (streaming_split(equal=True)); when the blocks
+    dealt out do not add up evenly, Ray Data cuts one with a remote task, and on a node whose CPUs all train, the
+    raylet starts a worker process for it (and stops it again, idle): ~1.5 s of CPU per epoch on 2 cores, a few
+    % of the training's throughput. Equal blocks, as many per worker, always add up, so no epoch needs a cut."""
+    count = ds.count()
+    num_blocks = world * max(1, -(-count // (world * rows_per_block)))
+    pad = -count % num_blocks
+    if pad:
+        good = ds.filter(lambda row: row["error"] is None).limit(pad)
+        ds = ds.union(good)
+    return ds.repartition(num_blocks).materialize()
 
 
 def fixed_rows(cfg: TrainConfig, channels: int | None) -> list[tuple[np.ndarray, int, str]]:
