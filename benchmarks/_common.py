@@ -168,7 +168,7 @@ class TreeMemory:
 
     def __init__(self, exclude: set[int] | None = None, marker: str = "ProcessImages", interval: float = 0.1):
         self.exclude, self.marker, self.interval = exclude or set(), marker, interval
-        self.peak_rss_kb = self.peak_pss_kb = self.peak_marked_kb = 0
+        self.peak_rss_kb = self.peak_pss_kb = self.peak_marked_kb = self.peak_marked_anon_kb = 0
         self.num_marked = 0
         self._marked: set[int] = set()
         self._stop = threading.Event()
@@ -195,6 +195,8 @@ class TreeMemory:
             if pid in self._marked or self.marker in cmdline(pid):
                 self._marked.add(pid)
                 self.peak_marked_kb = max(self.peak_marked_kb, status_kb(pid, "VmHWM"))
+                # private memory alone (sampled): VmHWM also counts shared pages, e.g. object-store blocks read
+                self.peak_marked_anon_kb = max(self.peak_marked_anon_kb, status_kb(pid, "RssAnon"))
         self.num_marked = len(self._marked)
 
     def figures(self, prefix: str = "") -> dict[str, float]:

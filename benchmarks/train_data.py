@@ -88,7 +88,9 @@ def train_and_measure(cfg: TrainConfig, memory: bool = True) -> dict:
                "data_wait_s": [r.get("data_wait_seconds") for r in history[1:]],
                "epoch_s": [r["epoch_seconds"] for r in history[1:]]}
     if memory:
-        figures.update(worker_peak_rss_mb=round(sampler.peak_marked_kb / 1024, 1), num_workers_seen=sampler.num_marked)
+        figures.update(worker_peak_rss_mb=round(sampler.peak_marked_kb / 1024, 1),
+                       worker_peak_private_mb=round(sampler.peak_marked_anon_kb / 1024, 1),
+                       num_workers_seen=sampler.num_marked)
     return figures
 
 
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
                 figures[label] = train_and_measure(cfg)
                 common.log(f"[rss] {label}: {figures[label]}")
             result["worker_peak_rss_mb"] = {k: v["worker_peak_rss_mb"] for k, v in figures.items()}
+            # RSS without shared pages (sampled every 50 ms): what the worker itself holds
+            result["worker_peak_private_mb"] = {k: v["worker_peak_private_mb"] for k, v in figures.items()}
             result["rss_ratio_10x_data"] = round(figures["10x"]["worker_peak_rss_mb"]
                                                  / max(figures["1x"]["worker_peak_rss_mb"], 1e-9), 3)
         if "stream" in parts:

@@ -56,7 +56,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    with LocalS3Server() as server:
+    # latency_ms=0: no delay, but a test may set_latency() (e.g. to hold a job on I/O while a node joins).
+    with LocalS3Server(latency_ms=0) as server:
         old = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())
         yield server

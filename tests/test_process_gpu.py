@@ -58,48 +58,52 @@ def test_config_and_flags_for_gpu_jobs():
             ProcessConfig(**base, **bad)
 
 
-def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, s3_bucket):
+def test_gpu_actors_two_per_gpu_node_and_a_node_added_mid_job(gpu_cluster, s3_server, s3_bucket):
     """--gpus-per-actor 0.5 --concurrency 2-4 on one node with 1 logical GPU: two actors there, none on the head
     (no GPU); a second GPU node added mid-job gets the pool's other two. The manifest's node_id shows both."""
-    # Enough work that the job is still running when the added node and its actors are up (joining and starting
-    # actors that import torch takes ~40 s on an idle 2-core host, minutes on a loaded one). The tiny SRResNet's
-    # forward (16 ms) is a quarter of an image's cost, so 1500 inputs took only 45 s on CI and the job ended first:
-    # a wider, deeper one (64 features, 4 blocks: ~150 ms per 64x64 image on one thread) makes it ~2.5 min.
-    model_uri = save_untrained_artifact(f"{s3_bucket}/sr-wide", "srgan", num_features=64, num_blocks=4)
-    keys = [f"img{i:04d}.png" for i in range(1500)]
+    model_uri = save_untrained_artifact(f"{s3_bucket}/sr", "srgan")
+    keys = [f"img{i:04d}.png" for i in range(600)]
     rng = np.random.default_rng(0)
     for key in keys:
-        storage.write_bytes(f"{s3_bucket}/gpu-in/{key}", encode_png(rng.integers(0, 256, (64, 64, 3), np.uint8)))
+        storage.write_bytes(f"{s3_bucket}/gpu-in/{key}", encode_png(rng.integers(0, 256, (32, 32, 3), np.uint8)))
     client = gpu_cluster.jobs_client()
     entrypoint = (f"python jobs/process.py superres --input {s3_bucket}/gpu-in --output {s3_bucket}/gpu-out "
                   f"--model {model_uri} --batch-size 1 --gpus-per-actor 0.5 --concurrency 2-4 "
                   f"--cpus-per-actor 0.25")
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": REPO, "excludes": [".git", ".venv", "tests"]})
     first = gpu_cluster.workers()[0]
     ids = gpu_cluster.alive()
 
     def actor_nodes() -> Counter:
         return Counter(a["node_id"] for a in gpu_cluster.actors("MapWorker"))
 
-    deadline = time.monotonic() + 600
-    while actor_nodes()[ids[first]] < 2:  # [1] MIN actors, both on the one GPU node (0.5 GPU each)
-        info = client.get_job_info(job_id)
-        assert not info.status.is_terminal() and time.monotonic() < deadline, client.get_job_logs(job_id)[-4000:]
-        time.sleep(0.2)
-    assert set(actor_nodes()) == {ids[first]}  # never on the head: it has no GPU
-    print(f"\n[gpu] {time.strftime('%X')} 2 actors on {first}; adding a node")
-    added = gpu_cluster.add_node()  # [2] a GPU node joins mid-job: the pool grows onto it (MAX 4 = 2 per node)
-    new_id = gpu_cluster.alive()[added]
-    deadline = time.monotonic() + 600
-    while actor_nodes()[new_id] < 2:
-        info = client.get_job_info(job_id)
-        assert not info.status.is_terminal(), \
-            f"the job ended before {added} got actors (use more inputs):\n{client.get_job_logs(job_id)[-3000:]}"
-        assert time.monotonic() < deadline, f"no actors on {added}: {actor_nodes()}"
-        time.sleep(0.5)
-    print(f"[gpu] {time.strftime('%X')} {added} has 2 actors")
-    assert max(actor_nodes().values()) == 2  # two per GPU node (0.5 GPU each), whatever the CPUs would allow
+    # The gate: until the added node has its actors, the S3 server answers every request after a second, so the
+    # job waits on I/O (not on this 2-core host's CPUs, which the joining node needs) and is still running
+    # however long the join takes; then the latency goes and the job's remaining work finishes in seconds.
+    s3_server.set_latency(1000)
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint,
+                                   runtime_env={"working_dir": REPO, "excludes": [".git", ".venv", "tests"]})
+        deadline = time.monotonic() + 600
+        while actor_nodes()[ids[first]] < 2:  # [1] MIN actors, both on the one GPU node (0.5 GPU each)
+            info = client.get_job_info(job_id)
+            assert not info.status.is_terminal() and time.monotonic() < deadline, \
+                client.get_job_logs(job_id)[-4000:]
+            time.sleep(0.2)
+        assert set(actor_nodes()) == {ids[first]}  # never on the head: it has no GPU
+        print(f"\n[gpu] {time.strftime('%X')} 2 actors on {first}; adding a node")
+        added = gpu_cluster.add_node()  # [2] a GPU node joins mid-job: the pool grows onto it (MAX 4 = 2 per node)
+        new_id = gpu_cluster.alive()[added]
+        deadline = time.monotonic() + 600
+        while actor_nodes()[new_id] < 2:
+            info = client.get_job_info(job_id)
+            assert not info.status.is_terminal(), \
+                f"the job ended before {added} got actors:\n{client.get_job_logs(job_id)[-3000:]}"
+            assert time.monotonic() < deadline, f"no actors on {added}: {actor_nodes()}"
+            time.sleep(0.5)
+        print(f"[gpu] {time.strftime('%X')} {added} has 2 actors")
+        assert max(actor_nodes().values()) == 2  # two per GPU node (0.5 GPU each), whatever the CPUs would allow
+    finally:
+        s3_server.set_latency(0)
     info = wait_until_done(client, job_id, timeout=1200)
     logs = client.get_job_logs(job_id)
     assert str(info.status) == "SUCCEEDED", logs[-4000:]
