@@ -56,7 +56,7 @@ def worker_placement() -> dict[str, list]:
 def all_workers_have(has_batch: bool, device: torch.device) -> bool:
     """True while every worker has a batch for this step. DDP needs the same step count everywhere, and the
     shards may differ by the files a worker skipped: a worker that runs out ends the epoch for all."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return has_batch
     flag = torch.tensor([1 if has_batch else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
