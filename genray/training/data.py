@@ -52,7 +52,7 @@ def build_dataset(cfg: TrainConfig, channels: int | None):
 
 def equal_blocks(ds, world: int, rows_per_block: int = 16):
     """The materialised rows as blocks of one size, a multiple of `world` of them, topped up with copies of the
-    first good rows (fewer than one block per worker, none with an error).
+    first good rows (fewer than one per block; never a row with an error).
 
     Ray Train hands each worker an equal share of rows every epoch (streaming_split(equal=True)); when the blocks
     dealt out do not add up evenly, Ray Data cuts one with a remote task, and on a node whose CPUs all train, the
